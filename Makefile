@@ -1,0 +1,37 @@
+# Two commands for a fresh machine: `make demo` (the main job) and `make test`. Both create .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install test test-all demo quality style bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+test: install
+	$(PY) -m pytest -q -n 2 --timeout 900 tests
+
+demo: install
+	$(PY) training/demo.py
+
+quality: install
+	$(VENV)/bin/ruff check src training conversion benchmarks tests
+	$(VENV)/bin/ruff format --check src training conversion benchmarks tests
+
+style: install
+	$(VENV)/bin/ruff check --fix src training conversion benchmarks tests
+	$(VENV)/bin/ruff format src training conversion benchmarks tests
+
+bench: install
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache demo

@@ -1,0 +1,31 @@
+"""diffusers-repae: REPA-E end-to-end VAE + latent diffusion transformer training as a diffusers integration."""
+
+from .models import (
+    LatentBatchNorm,
+    REPAProjector,
+    SiTTransformer2DModel,
+    SiTTransformer2DModelOutput,
+    build_vae,
+    denormalize_latents,
+    normalize_latents,
+    vae_config,
+)
+from .recipes import build_component, build_from_recipe, list_recipes, load_component_config, resolve_recipe
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LatentBatchNorm",
+    "REPAProjector",
+    "SiTTransformer2DModel",
+    "SiTTransformer2DModelOutput",
+    "build_component",
+    "build_from_recipe",
+    "build_vae",
+    "denormalize_latents",
+    "list_recipes",
+    "load_component_config",
+    "normalize_latents",
+    "resolve_recipe",
+    "vae_config",
+]
