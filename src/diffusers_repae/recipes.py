@@ -26,7 +26,9 @@ def resolve_recipe(name_or_path: str | Path) -> Path:
     candidate = RECIPES_DIR / str(name_or_path)
     if (candidate / "model_index.json").is_file():
         return candidate
-    raise ValueError(f"recipe {str(name_or_path)!r} is neither a folder with model_index.json nor one of {list_recipes()}.")
+    raise ValueError(
+        f"recipe {str(name_or_path)!r} is neither a folder with model_index.json nor one of {list_recipes()}."
+    )
 
 
 def load_component_config(recipe: str | Path, component: str) -> dict:

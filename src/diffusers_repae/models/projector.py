@@ -31,7 +31,9 @@ class REPAProjector(ModelMixin, ConfigMixin):
     """
 
     @register_to_config
-    def __init__(self, hidden_size: int = 1152, z_dims: list[int] = (768,), projector_dim: int = 2048, encoder_depth: int = 8):
+    def __init__(
+        self, hidden_size: int = 1152, z_dims: list[int] = (768,), projector_dim: int = 2048, encoder_depth: int = 8
+    ):
         super().__init__()
         self.projectors = nn.ModuleList([build_mlp(hidden_size, projector_dim, z) for z in z_dims])
         for module in self.modules():
