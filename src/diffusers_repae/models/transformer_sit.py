@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
@@ -108,7 +109,7 @@ class SiTTransformer2DModelOutput(BaseOutput):
     hidden_states: torch.Tensor | None = None
 
 
-class SiTTransformer2DModel(ModelMixin, ConfigMixin):
+class SiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""
     SiT (Scalable Interpolant Transformer), class-conditional, as trained by REPA and REPA-E.
 
@@ -125,6 +126,9 @@ class SiTTransformer2DModel(ModelMixin, ConfigMixin):
         class_dropout_prob (`float`, defaults to 0.1): Probability of replacing a label by the null class when
             ``forward(..., drop_labels=True)`` runs in training mode.
         qk_norm (`bool`, defaults to False): Affine LayerNorm on queries and keys per head.
+
+    LoRA adapters attach through diffusers' `PeftAdapterMixin` (``add_adapter``, ``save_lora_adapter``,
+    ``load_lora_adapter``); the natural targets are ``qkv``, ``proj``, ``fc1``, ``fc2`` and ``adaln_modulation``.
     """
 
     _supports_gradient_checkpointing = True
