@@ -1,3 +1,4 @@
+from .discriminator import PatchGANDiscriminator
 from .latent_norm import LatentBatchNorm
 from .projector import REPAProjector
 from .transformer_sit import SiTTransformer2DModel, SiTTransformer2DModelOutput, sincos_pos_embed_2d
@@ -5,6 +6,7 @@ from .vae import VAE_PRESETS, build_vae, denormalize_latents, normalize_latents,
 
 __all__ = [
     "LatentBatchNorm",
+    "PatchGANDiscriminator",
     "REPAProjector",
     "SiTTransformer2DModel",
     "SiTTransformer2DModelOutput",
