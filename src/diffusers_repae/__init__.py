@@ -10,11 +10,26 @@ from .models import (
     normalize_latents,
     vae_config,
 )
+from .pipelines import RepaEPipeline, load_imagenet_id2label
 from .recipes import build_component, build_from_recipe, list_recipes, load_component_config, resolve_recipe
+from .schedulers import (
+    FlowMatchEulerMaruyamaScheduler,
+    FlowMatchHeunScheduler,
+    repae_ode_sigmas,
+    scheduler_for_sampler,
+    set_repae_timesteps,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FlowMatchEulerMaruyamaScheduler",
+    "FlowMatchHeunScheduler",
+    "RepaEPipeline",
+    "load_imagenet_id2label",
+    "repae_ode_sigmas",
+    "scheduler_for_sampler",
+    "set_repae_timesteps",
     "LatentBatchNorm",
     "REPAProjector",
     "SiTTransformer2DModel",

@@ -1,0 +1,3 @@
+from .pipeline_repae import IMAGENET_CLASSES_FILE, RepaEPipeline, load_imagenet_id2label
+
+__all__ = ["IMAGENET_CLASSES_FILE", "RepaEPipeline", "load_imagenet_id2label"]

@@ -1,0 +1,154 @@
+"""REPA-E's stochastic sampler (SPEC section 8) as a diffusers scheduler.
+
+Linear flow path ``x_t = (1 - t) x + t eps`` with t = 1 pure noise; the model predicts the velocity
+``v = eps - x``. The reverse SDE uses diffusion ``w(t) = 2 t`` and the score recovered from the velocity,
+``s = -((1 - t) v + x) / t``, so the drift is ``d = v - w s / 2``. Each of the first ``N - 1`` steps on the grid
+``linspace(1, t_last, N)`` is ``x <- x + d dt + sqrt(w) sqrt(|dt|) n``; the last step from ``t_last`` to 0 is the
+deterministic ``x + d dt`` (the score blows up at t = 0, hence the stop at ``t_last``).
+
+Why not diffusers' ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)``: that one predicts ``x0`` and
+re-noises it to the next sigma (``x' = (1 - t') x0 + t' n``), i.e. it throws the whole state's noise away each step
+(an "ancestral" sampler). It has no score-based drift correction, no ``sqrt(|dt|)`` Brownian increment, no stop at
+``t_last`` and no deterministic final step, so it samples a different process and does not reproduce REPA-E's
+numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+
+@dataclass
+class FlowMatchSchedulerOutput(BaseOutput):
+    """
+    Args:
+        prev_sample (`torch.Tensor` of shape `(batch, channels, height, width)`):
+            The state at the next (smaller) time, to be fed to the model at the next step.
+    """
+
+    prev_sample: torch.Tensor
+
+
+class _StepIndexMixin:
+    """diffusers' step-index bookkeeping (``step_index``, ``begin_index``), shared by this package's schedulers."""
+
+    _step_index: int | None = None
+    _begin_index: int | None = None
+
+    @property
+    def step_index(self) -> int | None:
+        """Index of the current timestep in ``timesteps``; increases by one after each ``step``."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """First timestep index, set by the pipeline with ``set_begin_index``."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        self._begin_index = begin_index
+
+    def index_for_timestep(self, timestep: float | torch.Tensor) -> int:
+        indices = (self.timesteps == torch.as_tensor(timestep, device=self.timesteps.device)).nonzero()
+        if len(indices) == 0:
+            raise ValueError(f"timestep {float(timestep)} is not one of this scheduler's timesteps.")
+        return int(indices[0].item())
+
+    def _init_step_index(self, timestep: float | torch.Tensor) -> None:
+        if self.timesteps is None:
+            raise ValueError("call `set_timesteps` before `step`.")
+        self._step_index = self.index_for_timestep(timestep) if self.begin_index is None else self.begin_index
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
+        """Flow-matching models take the state as is (kept for the diffusers scheduler interface)."""
+        return sample
+
+
+def check_num_inference_steps(num_inference_steps: int) -> None:
+    if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}.")
+
+
+class FlowMatchEulerMaruyamaScheduler(_StepIndexMixin, SchedulerMixin, ConfigMixin):
+    r"""
+    Euler-Maruyama sampler of REPA-E / REPA / SiT for the linear flow path (velocity prediction, t = 1 is noise).
+
+    ``set_timesteps(N)`` builds the time grid ``linspace(1, t_last, N)`` followed by 0, so there are N model
+    evaluations. ``timesteps`` are ``t * num_train_timesteps`` (diffusers convention); ``sigmas`` hold the times
+    themselves in float64 (with the final 0), which is what a pipeline should hand to a model that takes t in
+    [0, 1]. ``step`` works in the dtype of ``sample`` (use float64 to match the original exactly) and draws the
+    Brownian increments with ``randn_tensor(..., generator=generator, dtype=sample.dtype)``.
+
+    Args:
+        num_train_timesteps (`int`, defaults to 1000): Scale of ``timesteps`` (``t * num_train_timesteps``).
+        t_last (`float`, defaults to 0.04): Last time of the stochastic grid; the final step to 0 is deterministic.
+    """
+
+    order = 1
+    init_noise_sigma = 1.0
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, t_last: float = 0.04):
+        if not 0.0 < t_last < 1.0:
+            raise ValueError(f"t_last must be in (0, 1), got {t_last}.")
+        self.timesteps: torch.Tensor | None = None
+        self.sigmas: torch.Tensor | None = None
+        self.num_inference_steps: int | None = None
+        self._step_index = None
+        self._begin_index = None
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        """Grid ``linspace(1, t_last, N)`` then 0 (float64 ``sigmas`` on CPU, float32 ``timesteps`` on ``device``)."""
+        check_num_inference_steps(num_inference_steps)
+        grid = torch.linspace(1.0, self.config.t_last, num_inference_steps, dtype=torch.float64)
+        self.sigmas = torch.cat([grid, torch.zeros(1, dtype=torch.float64)])
+        self.timesteps = (grid * self.config.num_train_timesteps).to(device=device, dtype=torch.float32)
+        self.num_inference_steps = num_inference_steps
+        self._step_index = None
+        self._begin_index = None
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: float | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        return_dict: bool = True,
+    ) -> FlowMatchSchedulerOutput | tuple:
+        """
+        One Euler-Maruyama step from ``sigmas[i]`` to ``sigmas[i + 1]``.
+
+        Args:
+            model_output (`torch.Tensor`): Velocity ``v(x, t)`` (already guided, if guidance is used).
+            timestep (`float` or `torch.Tensor`): The current entry of ``timesteps``.
+            sample (`torch.Tensor`): The current state x; its dtype is the computation dtype.
+            generator (`torch.Generator` or a list of one per sample, *optional*): Source of the Brownian noise.
+            return_dict (`bool`): Return a [`FlowMatchSchedulerOutput`] instead of a tuple.
+        """
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        t = float(self.sigmas[self.step_index])
+        t_next = float(self.sigmas[self.step_index + 1])
+        dt = t_next - t
+        velocity = model_output.to(sample.dtype)
+        diffusion = 2.0 * t
+        score = -((1.0 - t) * velocity + sample) / t
+        drift = velocity - 0.5 * diffusion * score
+        prev_sample = sample + drift * dt
+        if t_next > 0.0:
+            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+            prev_sample = prev_sample + math.sqrt(diffusion) * (noise * math.sqrt(abs(dt)))
+        self._step_index += 1
+        if not return_dict:
+            return (prev_sample,)
+        return FlowMatchSchedulerOutput(prev_sample=prev_sample)
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
