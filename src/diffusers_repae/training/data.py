@@ -1,0 +1,471 @@
+"""Training data: one loader for the Hub (ImageNet, streaming or not), local image folders and embedded OpenMoji.
+
+Every sample is ``{"pixel_values": uint8 [3, R, R], "labels": int64, "num_skipped": int64}``: the VAE and the
+vision encoders each do their own scaling from uint8 (SPEC sections 4 and 5).
+
+Bad files never stop an epoch. Images are decoded here (the ``datasets`` image column is cast to
+``decode=False``), so a truncated or unreadable file is caught, counted and replaced:
+
+* map-style datasets return the next readable index instead, so batches keep their size (BatchNorm and DDP want
+  equal batches); ``num_skipped`` is 1 when the sample's own file was bad and replaced, so summing it over an
+  epoch counts every bad file once;
+* streaming datasets simply drop the bad sample; the next good sample carries the count.
+
+Sum ``batch["num_skipped"]`` in the training loop to log the count (this works with DataLoader workers, unlike
+the in-process `SkipCounter`, which only sees the main process when ``num_workers=0``).
+
+Deterministic order and exact resume (map-style). The training script must:
+
+1. create ``Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))`` and call
+   ``accelerate.utils.set_seed(seed)`` before `build_dataloader`;
+2. at the start of every epoch call ``dataloader.set_epoch(epoch)`` *and* ``data.dataset.set_epoch(epoch)`` (the
+   latter drives the per-sample flip, which is a pure function of ``(seed, epoch, index)``);
+3. on resume at ``global_step`` (optimizer steps x gradient accumulation = batches), start at
+   ``epoch = batches_done // len(dataloader)`` and iterate
+   ``accelerator.skip_first_batches(dataloader, batches_done % len(dataloader))`` for that first epoch.
+
+Streaming datasets are sharded with ``datasets.distributed.split_dataset_by_node`` and shuffled with a buffer
+(seeded; ``set_epoch`` reshuffles). For resume, save ``data.dataset.state_dict()`` per process in the checkpoint
+and restore it with ``load_state_dict`` (``datasets`` keeps the exact position; works with ``num_workers=0``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import random
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+
+# Hub ImageNet at the two resolutions the paper uses; own data may use any multiple of 16.
+IMAGENET_RESOLUTIONS = (256, 512)
+DEFAULT_SHUFFLE_BUFFER = 10_000
+
+
+def adm_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """ADM centre crop (SPEC section 4): BOX-halve while the short side >= 2 * size, BICUBIC to short side = size,
+    then crop the centre ``size x size`` square."""
+    if size <= 0:
+        raise ValueError(f"size must be a positive integer, got {size!r}.")
+    while min(image.size) >= 2 * size:
+        image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), resample=Image.BICUBIC)
+    left = (image.width - size) // 2
+    top = (image.height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+class SkipCounter:
+    """Counts converted and skipped images by reason (thread-safe; per process and per DataLoader worker)."""
+
+    def __init__(self) -> None:
+        self.skipped: Counter[str] = Counter()
+        self.converted: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def skip(self, reason: str) -> None:
+        with self._lock:
+            self.skipped[reason] += 1
+
+    def convert(self, mode: str) -> None:
+        with self._lock:
+            self.converted[mode] += 1
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def summary(self) -> str:
+        """One line for the log."""
+        skipped = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
+        converted = ", ".join(f"{k}: {v}" for k, v in sorted(self.converted.items())) or "none"
+        return f"skipped images ({skipped}); converted to RGB from ({converted})"
+
+
+class BadImageError(ValueError):
+    """An image that cannot be used; ``reason`` is the counter key."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def to_rgb(image: Image.Image, counter: SkipCounter | None = None) -> Image.Image:
+    """Any PIL mode -> RGB. Transparency (RGBA, LA, P/L with a transparent index) is composited on white."""
+    if image.mode == "RGB":
+        return image
+    if counter is not None:
+        counter.convert(image.mode)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # 16/32-bit greyscale: PIL's convert would clip to 255, so rescale to the 8-bit range first.
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if array.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(array * (255.0 / peak), 0, 255).astype(np.uint8), mode="L")
+    has_alpha = image.mode in ("RGBA", "LA", "RGBa", "La", "PA") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(value, min_side: int = 8, counter: SkipCounter | None = None) -> Image.Image:
+    """A ``datasets`` image value (PIL image, or ``{"bytes", "path"}`` with ``decode=False``) -> RGB PIL image.
+
+    Raises `BadImageError` for unreadable/truncated files and images whose short side is below ``min_side``.
+    """
+    if isinstance(value, Image.Image):
+        image = value
+    else:
+        data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (None, value)
+        try:
+            image = Image.open(io.BytesIO(data)) if data is not None else Image.open(path)
+        except Exception as error:  # noqa: BLE001 - PIL raises many types for junk files
+            raise BadImageError("unreadable", str(error)) from error
+    try:
+        image.load()  # force the full decode now, so truncated files fail here and not mid-batch
+    except Exception as error:  # noqa: BLE001
+        raise BadImageError("truncated", str(error)) from error
+    if min(image.size) < min_side:
+        raise BadImageError("too_small", f"{image.size}")
+    return to_rgb(image, counter)
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 tensor [3, H, W]."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+
+
+def _flip_decision(seed: int, epoch: int, index: int) -> bool:
+    """A coin flip that depends only on (seed, epoch, index): exact resume gives the same flips."""
+    return random.Random(hash((seed, epoch, index))).random() < 0.5
+
+
+def _process(image: Image.Image, resolution: int, flip: bool) -> torch.Tensor:
+    image = adm_center_crop(image, resolution)
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    return image_to_tensor(image)
+
+
+class ImageLabelDataset(torch.utils.data.Dataset):
+    """Map-style wrapper over a ``datasets.Dataset``: decodes, converts, crops, flips, and steps over bad files."""
+
+    def __init__(
+        self,
+        hf_dataset,
+        image_column: str = "image",
+        label_column: str | None = "label",
+        resolution: int = 256,
+        random_flip: bool = False,
+        seed: int = 0,
+        min_side: int = 8,
+        max_consecutive_bad: int = 100,
+    ) -> None:
+        from datasets import Image as ImageFeature
+
+        if image_column not in hf_dataset.column_names:
+            raise ValueError(f"image_column {image_column!r} not in the dataset columns {hf_dataset.column_names}.")
+        self.dataset = hf_dataset.cast_column(image_column, ImageFeature(decode=False))
+        self.image_column, self.label_column = image_column, label_column
+        self.resolution, self.random_flip, self.seed = resolution, random_flip, seed
+        self.min_side, self.max_consecutive_bad = min_side, max_consecutive_bad
+        self.epoch = 0
+        self.counter = SkipCounter()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Changes the flip pattern per epoch (call it from the training loop, see the module docstring)."""
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        for offset in range(self.max_consecutive_bad):
+            position = (index + offset) % len(self.dataset)
+            row = self.dataset[position]
+            try:
+                image = decode_image(row[self.image_column], self.min_side, self.counter if offset == 0 else None)
+            except BadImageError as error:
+                if offset == 0:  # count each bad file once per epoch: only when its own index asks for it
+                    self.counter.skip(error.reason)
+                continue
+            flip = self.random_flip and _flip_decision(self.seed, self.epoch, index)
+            label = int(row[self.label_column]) if self.label_column else 0
+            return {
+                "pixel_values": _process(image, self.resolution, flip),
+                "labels": torch.tensor(label, dtype=torch.int64),
+                "num_skipped": torch.tensor(int(offset > 0), dtype=torch.int64),
+            }
+        raise RuntimeError(
+            f"{self.max_consecutive_bad} consecutive unreadable images from index {index}: the dataset looks broken "
+            f"({self.counter.summary()})."
+        )
+
+
+class StreamingImageLabelDataset(torch.utils.data.IterableDataset):
+    """Iterable wrapper over a (sharded, shuffled) ``datasets.IterableDataset``; drops bad files and counts them."""
+
+    def __init__(
+        self,
+        hf_dataset,
+        image_column: str = "image",
+        label_column: str | None = "label",
+        resolution: int = 256,
+        random_flip: bool = False,
+        seed: int = 0,
+        min_side: int = 8,
+    ) -> None:
+        from datasets import Image as ImageFeature
+
+        self.dataset = hf_dataset.cast_column(image_column, ImageFeature(decode=False))
+        self.image_column, self.label_column = image_column, label_column
+        self.resolution, self.random_flip, self.seed, self.min_side = resolution, random_flip, seed, min_side
+        self.epoch = 0
+        self.counter = SkipCounter()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffles the stream (``datasets`` derives the shuffle seed from seed + epoch)."""
+        self.epoch = epoch
+        self.dataset.set_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        """Exact stream position (``datasets.IterableDataset.state_dict``), for checkpoints."""
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        pending_bad = 0
+        for index, row in enumerate(self.dataset):
+            try:
+                image = decode_image(row[self.image_column], self.min_side, self.counter)
+            except BadImageError as error:
+                self.counter.skip(error.reason)
+                pending_bad += 1
+                continue
+            flip = self.random_flip and _flip_decision(self.seed, self.epoch, index)
+            label = int(row[self.label_column]) if self.label_column else 0
+            yield {
+                "pixel_values": _process(image, self.resolution, flip),
+                "labels": torch.tensor(label, dtype=torch.int64),
+                "num_skipped": torch.tensor(pending_bad, dtype=torch.int64),
+            }
+            pending_bad = 0
+
+
+@dataclass
+class TrainingData:
+    """What `load_training_dataset` returns: the torch dataset plus what the models and model cards need."""
+
+    dataset: ImageLabelDataset | StreamingImageLabelDataset
+    num_classes: int
+    id2label: dict[int, str]
+    source: str
+    streaming: bool = False
+    attribution: str | None = None  # licence text to carry into READMEs / model cards (OpenMoji)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def counter(self) -> SkipCounter:
+        return self.dataset.counter
+
+
+def check_resolution(resolution: int, imagenet: bool = False) -> None:
+    """ImageNet: 256 or 512 (the paper's settings). Own data: any positive multiple of 16."""
+    if imagenet and resolution not in IMAGENET_RESOLUTIONS:
+        raise ValueError(f"resolution must be one of {IMAGENET_RESOLUTIONS} for ImageNet, got {resolution!r}.")
+    if not isinstance(resolution, int) or resolution <= 0 or resolution % 16:
+        raise ValueError(f"resolution must be a positive multiple of 16, got {resolution!r}.")
+
+
+def _label_info(features, label_column: str | None) -> tuple[int, dict[int, str]]:
+    """Class count and names from a ClassLabel column; a missing column means one class."""
+    if label_column is None or features is None or label_column not in features:
+        return 1, {0: "all"}
+    feature = features[label_column]
+    names = getattr(feature, "names", None)
+    if names is None:
+        raise ValueError(
+            f"label_column {label_column!r} is not a datasets.ClassLabel column ({feature}); cast it with "
+            "dataset.class_encode_column first."
+        )
+    return len(names), dict(enumerate(names))
+
+
+def load_training_dataset(
+    dataset_name: str | None = None,
+    train_data_dir: str | Path | None = None,
+    dataset_config_name: str | None = None,
+    streaming: bool = False,
+    image_column: str = "image",
+    label_column: str | None = "label",
+    resolution: int = 256,
+    random_flip: bool = False,
+    split: str = "train",
+    cache_dir: str | Path | None = None,
+    seed: int = 0,
+    process_index: int = 0,
+    num_processes: int = 1,
+    embedded_label_by: str = "group",
+    shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER,
+    min_side: int = 8,
+    embedded_limit: int | None = None,
+) -> TrainingData:
+    """The one loader all scripts use.
+
+    ``dataset_name``: a Hub dataset (e.g. ``ILSVRC/imagenet-1k``; ``streaming=True`` for ImageNet-scale data,
+    then sharded over ``num_processes`` and buffer-shuffled with ``seed``). ``train_data_dir``: a local image
+    folder (``class_name/xxx.png``), read with ``load_dataset("imagefolder")``. Neither: the embedded OpenMoji
+    emoji, rendered at ``resolution`` once and cached (labels: Unicode ``group`` or ``subgroup``).
+    """
+    from datasets import load_dataset
+
+    if dataset_name and train_data_dir:
+        raise ValueError("give dataset_name or train_data_dir, not both.")
+    check_resolution(resolution, imagenet=bool(dataset_name) and "imagenet" in dataset_name.lower())
+    if num_processes < 1 or not 0 <= process_index < num_processes:
+        raise ValueError(f"process_index must be in [0, num_processes={num_processes}), got {process_index!r}.")
+    cache_dir = str(cache_dir) if cache_dir is not None else None
+    attribution, extra = None, {}
+    if dataset_name:
+        source = f"hub:{dataset_name}"
+        hf_dataset = load_dataset(
+            dataset_name, dataset_config_name, split=split, cache_dir=cache_dir, streaming=streaming
+        )
+    elif train_data_dir:
+        if not Path(train_data_dir).is_dir():
+            raise ValueError(f"train_data_dir {str(train_data_dir)!r} is not a directory.")
+        source = f"imagefolder:{train_data_dir}"
+        hf_dataset = load_dataset(
+            "imagefolder", data_dir=str(train_data_dir), split=split, cache_dir=cache_dir, streaming=streaming
+        )
+    else:
+        from .openmoji import OPENMOJI_ATTRIBUTION, load_openmoji_dataset
+
+        if embedded_label_by not in ("group", "subgroup"):
+            raise ValueError(f"embedded_label_by must be 'group' or 'subgroup', got {embedded_label_by!r}.")
+        source = f"openmoji:{embedded_label_by}"
+        hf_dataset = load_openmoji_dataset(resolution=resolution, cache_dir=cache_dir, limit=embedded_limit)
+        if streaming:
+            hf_dataset = hf_dataset.to_iterable_dataset(num_shards=max(num_processes, 1))
+        label_column, attribution = embedded_label_by, OPENMOJI_ATTRIBUTION
+    num_classes, id2label = _label_info(hf_dataset.features, label_column)
+    if label_column is not None and hf_dataset.features is not None and label_column not in hf_dataset.features:
+        label_column = None  # e.g. an image folder without class subfolders: one class
+    if streaming:
+        from datasets.distributed import split_dataset_by_node
+
+        hf_dataset = hf_dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
+        if num_processes > 1:
+            hf_dataset = split_dataset_by_node(hf_dataset, rank=process_index, world_size=num_processes)
+        dataset = StreamingImageLabelDataset(
+            hf_dataset, image_column, label_column, resolution, random_flip, seed, min_side
+        )
+    else:
+        dataset = ImageLabelDataset(hf_dataset, image_column, label_column, resolution, random_flip, seed, min_side)
+    return TrainingData(dataset, num_classes, id2label, source, streaming, attribution, extra)
+
+
+def build_dataloader(
+    data: TrainingData, batch_size: int, num_workers: int = 0, seed: int = 0, drop_last: bool = True
+) -> torch.utils.data.DataLoader:
+    """A DataLoader with a seeded shuffle (map-style) for ``accelerator.prepare``; see the module docstring."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}.")
+    generator = torch.Generator().manual_seed(seed)
+    shuffle = not data.streaming
+    return torch.utils.data.DataLoader(
+        data.dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator if shuffle else None,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+    )
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The data flags shared by train_repae.py, train_ldm.py and cache_latents.py."""
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="Hub dataset id (e.g. ILSVRC/imagenet-1k) or a local dataset script/folder for datasets.load_dataset. "
+        "Without --dataset_name and --train_data_dir the embedded OpenMoji emoji dataset is used.",
+    )
+    group.add_argument(
+        "--dataset_config_name", type=str, default=None, help="Config (subset) name of --dataset_name, if any."
+    )
+    group.add_argument(
+        "--train_data_dir",
+        type=str,
+        default=None,
+        help="Local image folder (one subfolder per class), read with datasets' imagefolder builder.",
+    )
+    group.add_argument(
+        "--streaming",
+        action="store_true",
+        help="Stream the dataset instead of downloading it first (ImageNet-scale data); shards per process and "
+        "shuffles with a buffer.",
+    )
+    group.add_argument("--image_column", type=str, default="image", help="Column holding the images.")
+    group.add_argument("--label_column", type=str, default="label", help="Column holding integer class labels.")
+    group.add_argument(
+        "--resolution",
+        type=int,
+        default=256,
+        help="Training resolution (ADM centre crop). ImageNet: 256 or 512. Own data: any multiple of 16 "
+        "(the tiny CPU demo uses 64).",
+    )
+    group.add_argument("--random_flip", action="store_true", help="Randomly flip images horizontally.")
+    group.add_argument(
+        "--cache_dir",
+        type=str,
+        default=None,
+        help="Cache folder for datasets (and the rendered OpenMoji data; default ~/.cache/diffusers_repae).",
+    )
+    group.add_argument(
+        "--embedded_label_by",
+        type=str,
+        default="group",
+        choices=["group", "subgroup"],
+        help="Labels of the embedded OpenMoji dataset: Unicode emoji group (9 classes) or subgroup.",
+    )
+    return parser
+
+
+def training_data_from_args(
+    args: argparse.Namespace, seed: int = 0, process_index: int = 0, num_processes: int = 1
+) -> TrainingData:
+    """`load_training_dataset` with the flags of `add_data_args`."""
+    return load_training_dataset(
+        dataset_name=args.dataset_name,
+        train_data_dir=args.train_data_dir,
+        dataset_config_name=args.dataset_config_name,
+        streaming=args.streaming,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        resolution=args.resolution,
+        random_flip=args.random_flip,
+        cache_dir=args.cache_dir,
+        seed=seed,
+        process_index=process_index,
+        num_processes=num_processes,
+        embedded_label_by=args.embedded_label_by,
+    )
+
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # truncated files must fail loudly in decode_image, then be skipped
