@@ -1,0 +1,371 @@
+"""SiT speed: forward and train step for the tiny / B/2 / XL/2 recipes, FLOPs, FLOP/s, MFU, peak memory,
+and the model-level optimisations (SDPA vs naive attention, conditioning once vs per block, bf16, compile).
+
+    .venv/bin/python benchmarks/bench_sit.py [--quick] [--configs tiny,B,XL] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    Table,
+    add_common_args,
+    count_flops,
+    device_peak_flops,
+    max_abs_diff,
+    measure,
+    measure_pair,
+    peak_memory,
+    print_tables,
+    setup,
+    speedup,
+    write_json,
+)
+
+from diffusers_repae import build_component  # noqa: E402
+from diffusers_repae.models.transformer_sit import SiTAttention, modulate  # noqa: E402
+
+CONFIGS = {"tiny": "tiny-cpu", "B": "sit-b-2-sdvae", "XL": "sit-xl-2-sdvae"}
+# Batch per config: CPU batches keep SiT-XL/2 fwd+bwd under ~6 GB; CUDA batches are training-sized.
+CPU_BATCH = {"tiny": 8, "B": 2, "XL": 1}
+CUDA_BATCH = {"tiny": 256, "B": 64, "XL": 32}
+
+
+def randomize_zero_init(model: torch.nn.Module, std: float = 0.02, seed: int = 0) -> torch.nn.Module:
+    """Give the adaLN-Zero / output layers random weights: at init they are zero and the output is trivially 0,
+    which would hide any numerical difference between two implementations."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and not module.weight.any():
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * std)
+    return model
+
+
+def build_sit(config: str, device: torch.device, seed: int = 0):
+    """Random SiT + REPA projector of a recipe (non-trivial weights), on ``device``."""
+    torch.manual_seed(seed)
+    recipe = CONFIGS[config]
+    model = randomize_zero_init(build_component(recipe, "transformer"), seed=seed).to(device)
+    projector = build_component(recipe, "projector").to(device)
+    return model, projector
+
+
+def sit_inputs(model, batch: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    cfg = model.config
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=generator)
+    t = torch.rand(batch, generator=generator)
+    y = torch.randint(0, cfg.num_classes, (batch,), generator=generator)
+    return {"x": x.to(device), "t": t.to(device), "y": y.to(device)}
+
+
+def autocast(device: torch.device, precision: str):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def make_forward(model, inputs: dict, device: torch.device, precision: str):
+    """A no-grad velocity prediction (what one sampling step costs, without guidance)."""
+
+    def forward():
+        with torch.no_grad(), autocast(device, precision):
+            return model(inputs["x"], inputs["t"], inputs["y"]).sample
+
+    return forward
+
+
+def make_train_step(model, projector, inputs: dict, device: torch.device, precision: str, optimizer=None):
+    """Forward (with hidden states for REPA) + denoising and alignment loss + backward (+ optimiser step)."""
+    cfg = model.config
+    depth = projector.config.encoder_depth
+    tokens = (cfg.sample_size // cfg.patch_size) ** 2
+    generator = torch.Generator().manual_seed(1)
+    batch = inputs["x"].shape[0]
+    zs = [torch.randn(batch, tokens, z, generator=generator).to(device) for z in projector.config.z_dims]
+    target = torch.randn(inputs["x"].shape, generator=generator).to(device)
+
+    def step():
+        with autocast(device, precision):
+            out = model(inputs["x"], inputs["t"], inputs["y"], return_hidden_states_at=depth)
+            projected = projector(out.hidden_states)
+        denoise = (out.sample.float() - target).pow(2).mean()
+        proj = torch.stack(
+            [-(F.normalize(z, dim=-1) * F.normalize(p.float(), dim=-1)).sum(-1).mean() for z, p in zip(zs, projected)]
+        ).mean()
+        (denoise + 0.5 * proj).backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            for p in list(model.parameters()) + list(projector.parameters()):
+                p.grad = None
+
+    return step
+
+
+def profile_call(fn, device: torch.device) -> tuple[int, float, str]:
+    """FLOPs and peak memory of one call (also serves as the warm-up)."""
+    holder = {}
+    mem, method = peak_memory(lambda: holder.setdefault("flops", count_flops(fn)), device)
+    return holder["flops"], mem, method
+
+
+def sit_speed_table(args, device: torch.device, precision: str) -> Table:
+    """Forward and train step per config: time, throughput, FLOPs, FLOP/s, MFU and peak memory."""
+    peak = device_peak_flops(device)
+    table = Table(
+        f"SiT forward / train step ({device.type}, {precision})",
+        [
+            "config",
+            "params_M",
+            "batch",
+            "tokens",
+            "pass",
+            "ms",
+            "ms_per_img",
+            "img_per_s",
+            "GFLOP_per_img",
+            "TFLOP_per_s",
+            "MFU",
+            "peak_mem_MiB",
+        ],
+    )
+    configs = ["tiny"] if args.quick else args.configs.split(",")
+    for config in configs:
+        if config not in CONFIGS:
+            raise ValueError(f"--configs entries must be in {sorted(CONFIGS)}, got {config!r}.")
+        model, projector = build_sit(config, device, args.seed)
+        batch = 2 if args.quick else (CUDA_BATCH if device.type == "cuda" else CPU_BATCH)[config]
+        inputs = sit_inputs(model, batch, device, args.seed)
+        big_on_cpu = config == "XL" and device.type == "cpu"
+        repeats = min(args.repeats, 2) if big_on_cpu else args.repeats
+        # SiT-XL/2 on CPU: AdamW state would add 5.4 GB (params + grads + 2 moments > 8 GB), so fwd+bwd only there.
+        optimizer = None
+        if not big_on_cpu:
+            params = list(model.parameters()) + list(projector.parameters())
+            optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+        model.train()
+        projector.train()
+        passes = [
+            ("forward", make_forward(model, inputs, device, precision)),
+            (
+                "train_step" if optimizer else "fwd+bwd",
+                make_train_step(model, projector, inputs, device, precision, optimizer),
+            ),
+        ]
+        tokens = (model.config.sample_size // model.config.patch_size) ** 2
+        for name, fn in passes:
+            flops, mem, method = profile_call(fn, device)
+            timing = measure(fn, device, repeats=repeats, warmup=0 if big_on_cpu else args.warmup)
+            achieved = flops / timing.median
+            table.add(
+                config=f"{config} ({CONFIGS[config]})",
+                params_M=sum(p.numel() for p in model.parameters()) / 1e6,
+                batch=batch,
+                tokens=tokens,
+                **{"pass": name},
+                ms=timing.median * 1e3,
+                ms_per_img=timing.median * 1e3 / batch,
+                img_per_s=batch / timing.median,
+                GFLOP_per_img=flops / batch / 1e9,
+                TFLOP_per_s=achieved / 1e12,
+                MFU=None if peak is None else achieved / peak,
+                peak_mem_MiB=mem,
+            )
+        table.notes.append(f"peak memory: {method}")
+        del model, projector, optimizer
+    table.notes.append(
+        "FLOPs from torch.utils.flop_counter.FlopCounterMode (2 FLOPs per multiply-add; CPU SDPA registered here). "
+        "train_step = forward with REPA hidden states + projector + losses + backward + AdamW; "
+        "fwd+bwd = the same without the optimiser (SiT-XL/2 on CPU, to stay under 8 GB)."
+    )
+    if peak is not None:
+        table.notes.append(f"MFU against a dense bf16 peak of {peak / 1e12:.0f} TFLOP/s.")
+    return table
+
+
+def naive_attention_forward(self: SiTAttention, x: torch.Tensor) -> torch.Tensor:
+    """The textbook ``softmax(QK^T / sqrt(d)) V``, materialising the attention matrix ("before")."""
+    batch, tokens, dim = x.shape
+    q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = self.q_norm(q), self.k_norm(k)
+    weights = (q @ k.transpose(-2, -1) * (1.0 / math.sqrt(self.head_dim))).softmax(dim=-1)
+    return self.proj((weights @ v).transpose(1, 2).reshape(batch, tokens, dim))
+
+
+def use_naive_attention(model, naive: bool) -> None:
+    for module in model.modules():
+        if isinstance(module, SiTAttention):
+            if naive:
+                module.forward = types.MethodType(naive_attention_forward, module)
+            elif "forward" in module.__dict__:
+                del module.forward
+
+
+def forward_conditioning_per_block(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The SiT forward with ``SiLU(t_emb + y_emb)`` recomputed inside every block ("before")."""
+    tokens = model.patch_embed(x).flatten(2).transpose(1, 2) + model.pos_embed
+    for block in model.transformer_blocks:
+        tokens = block(tokens, model.embed_conditioning(t, y))
+    shift, scale = model.adaln_out(model.embed_conditioning(t, y)).chunk(2, dim=1)
+    return model.unpatchify(model.proj_out(modulate(model.norm_out(tokens), shift, scale)))
+
+
+def optimisation_table(args, device: torch.device) -> Table:
+    """Before/after pairs of the model-level optimisations, timed interleaved on one config."""
+    config = "tiny" if args.quick else args.opt_config
+    model, projector = build_sit(config, device, args.seed)
+    model.eval()
+    batch = 1 if args.quick else (32 if device.type == "cuda" else CPU_BATCH[config])
+    inputs = sit_inputs(model, batch, device, args.seed)
+    x, t, y = inputs["x"], inputs["t"], inputs["y"]
+    table = Table(
+        f"SiT optimisations (SiT {config} = {CONFIGS[config]}, batch {batch}, forward, no grad, {device.type})",
+        ["optimisation", "before", "after", "before_ms", "after_ms", "speedup", "max_abs_diff"],
+    )
+    reps = args.repeats
+
+    def forward():
+        with torch.no_grad():
+            return model(x, t, y).sample
+
+    def naive():
+        use_naive_attention(model, True)
+        try:
+            return forward()
+        finally:
+            use_naive_attention(model, False)
+
+    before, after = measure_pair(naive, forward, device, reps, args.warmup)
+    table.add(
+        optimisation="attention",
+        before="naive softmax(QK^T)V",
+        after="SDPA",
+        before_ms=before.median * 1e3,
+        after_ms=after.median * 1e3,
+        speedup=speedup(before, after),
+        max_abs_diff=max_abs_diff(naive(), forward()),
+    )
+
+    def per_block():
+        with torch.no_grad():
+            return forward_conditioning_per_block(model, x, t, y)
+
+    before, after = measure_pair(per_block, forward, device, reps, args.warmup)
+    table.add(
+        optimisation="conditioning",
+        before="per block",
+        after="once per forward",
+        before_ms=before.median * 1e3,
+        after_ms=after.median * 1e3,
+        speedup=speedup(before, after),
+        max_abs_diff=max_abs_diff(per_block(), forward()),
+    )
+
+    def bf16():
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+            return model(x, t, y).sample
+
+    before, after = measure_pair(forward, bf16, device, reps, args.warmup)
+    table.add(
+        optimisation="bf16 autocast",
+        before="fp32",
+        after="bf16 autocast",
+        before_ms=before.median * 1e3,
+        after_ms=after.median * 1e3,
+        speedup=speedup(before, after),
+        max_abs_diff=max_abs_diff(forward(), bf16()),
+    )
+    if args.quick:  # the smoke run stops here
+        return _finish(table)
+    model.train()
+    projector.train()
+    step_fp32 = make_train_step(model, projector, inputs, device, "fp32")
+    step_bf16 = make_train_step(model, projector, inputs, device, "bf16")
+    before, after = measure_pair(step_fp32, step_bf16, device, reps, args.warmup)
+    table.add(
+        optimisation="bf16 autocast (fwd+bwd)",
+        before="fp32",
+        after="bf16 autocast",
+        before_ms=before.median * 1e3,
+        after_ms=after.median * 1e3,
+        speedup=speedup(before, after),
+    )
+    model.eval()
+    if not args.no_compile:
+        table.rows.append(compile_row(model, x, t, y, device, reps))
+    return _finish(table)
+
+
+def _finish(table: Table) -> Table:
+    table.notes.append("max_abs_diff: largest |before - after| of the predicted velocity (random non-zero adaLN).")
+    table.notes.append("before/after timed interleaved (b, a, b, a, ...), median of repeats: load hits both alike.")
+    return table
+
+
+def compile_row(model, x, t, y, device: torch.device, repeats: int) -> dict:
+    """torch.compile of the forward: compile time (first call) reported apart from the steady-state time."""
+    compiled = torch.compile(model)
+    start = time.perf_counter()
+    with torch.no_grad():
+        compiled_out = compiled(x, t, y).sample
+    compile_s = time.perf_counter() - start
+
+    def eager():
+        with torch.no_grad():
+            return model(x, t, y).sample
+
+    def fast():
+        with torch.no_grad():
+            return compiled(x, t, y).sample
+
+    before, after = measure_pair(eager, fast, device, repeats, warmup=1)
+    return {
+        "optimisation": f"torch.compile (compile {compile_s:.1f} s)",
+        "before": "eager",
+        "after": "compiled",
+        "before_ms": before.median * 1e3,
+        "after_ms": after.median * 1e3,
+        "speedup": speedup(before, after),
+        "max_abs_diff": max_abs_diff(eager(), compiled_out),
+    }
+
+
+def run(args: argparse.Namespace, device: torch.device) -> list[Table]:
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    return [sit_speed_table(args, device, precision), optimisation_table(args, device)]
+
+
+def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--configs", default="tiny,B,XL", help="Comma-separated SiT configs from tiny, B, XL.")
+    parser.add_argument("--opt_config", default="B", choices=sorted(CONFIGS), help="SiT of the optimisation pairs.")
+    parser.add_argument(
+        "--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA, fp32 on CPU."
+    )
+    return parser
+
+
+def main() -> None:
+    parser = add_args(add_common_args(argparse.ArgumentParser(description=__doc__)))
+    args = parser.parse_args()
+    device = setup(args)
+    tables = run(args, device)
+    print_tables(tables)
+    if args.json:
+        write_json(args.json, tables, device, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""Shared helpers of the benchmark scripts: device choice, timing, peak memory, FLOP counting and result tables.
+
+Timings are medians over repeats after warm-up (CUDA is synchronised around every call). Peak memory on CUDA is
+``torch.cuda.max_memory_allocated`` (tensors only); on CPU it is the peak *process RSS delta* sampled by a psutil
+thread every millisecond (tracemalloc cannot see torch's allocations; RSS also counts allocator caches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by a substring of the CUDA device name.
+CUDA_BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+
+
+def _register_cpu_sdpa_flops() -> None:
+    """FlopCounterMode knows the CUDA SDPA kernels only; count the CPU flash kernel the same way."""
+    aten = torch.ops.aten
+    forward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    backward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if forward is not None:
+
+        @register_flop_formula(forward)
+        def _forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+            return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    if backward is not None:
+
+        @register_flop_formula(backward)
+        def _backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+            return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+try:
+    _register_cpu_sdpa_flops()
+except (RuntimeError, ValueError):  # already registered (module reloaded)
+    pass
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags every benchmark script accepts."""
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu or cuda[:i].")
+    parser.add_argument("--quick", action="store_true", help="Tiny configs and 1-2 repeats: a smoke run (seconds).")
+    parser.add_argument("--repeats", type=int, default=None, help="Timed repeats per measurement (median reported).")
+    parser.add_argument("--warmup", type=int, default=None, help="Untimed warm-up calls before timing.")
+    parser.add_argument("--json", default=None, help="Also write the tables to this JSON file.")
+    parser.add_argument("--no_compile", action="store_true", help="Skip the torch.compile row (slow on CPU).")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights and inputs.")
+    return parser
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; anything else is checked and returned."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r} asks for CUDA but torch.cuda.is_available() is False.")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be 'auto', 'cpu' or 'cuda[:i]', got {name!r}.")
+    return device
+
+
+def setup(args: argparse.Namespace) -> torch.device:
+    """Apply ``--threads``/``--seed``, pick the device and fill the repeat defaults (quick vs full)."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 5
+    if args.warmup is None:
+        args.warmup = 0 if args.quick else 1
+    return resolve_device(args.device)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Timing:
+    """Median / min / all wall times of one measured callable, in seconds."""
+
+    median: float
+    minimum: float
+    times: list[float]
+
+
+def measure(fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 1) -> Timing:
+    """Median wall time of ``fn()`` over ``repeats`` after ``warmup`` untimed calls (CUDA synchronised)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return Timing(statistics.median(times), min(times), times)
+
+
+def measure_pair(
+    before: Callable[[], object], after: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1
+) -> tuple[Timing, Timing]:
+    """Time two variants *interleaved* (b, a, b, a, ...) so that load from other processes hits both alike."""
+    for _ in range(warmup):
+        before()
+        after()
+    synchronize(device)
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(max(1, repeats)):
+        for fn, bucket in ((before, times[0]), (after, times[1])):
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            bucket.append(time.perf_counter() - start)
+    return tuple(Timing(statistics.median(t), min(t), t) for t in times)
+
+
+class _RSSSampler(threading.Thread):
+    """Polls the process RSS every ``interval`` seconds and keeps the maximum."""
+
+    def __init__(self, interval: float = 1e-3):
+        super().__init__(daemon=True)
+        import psutil
+
+        self.process = psutil.Process()
+        self.interval = interval
+        self.peak = self.process.memory_info().rss
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(self.interval)
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        return max(self.peak, self.process.memory_info().rss)
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[float, str]:
+    """Peak extra memory of one ``fn()`` call in MiB, and how it was measured."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20, "cuda max_memory_allocated"
+    import gc
+
+    gc.collect()
+    sampler = _RSSSampler()
+    base = sampler.process.memory_info().rss
+    sampler.start()
+    fn()
+    peak = sampler.stop()
+    return max(0, peak - base) / 2**20, "psutil RSS peak delta"
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one ``fn()`` call by ``torch.utils.flop_counter.FlopCounterMode`` (2 per multiply-add)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak FLOP/s of a known CUDA device (for MFU); None on CPU or an unknown GPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in CUDA_BF16_PEAK_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def device_description(device: torch.device) -> str:
+    """One line naming the machine the numbers come from."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+@dataclass
+class Table:
+    """A titled list of rows (dicts); printed as an aligned text table, stored as JSON."""
+
+    title: str
+    columns: list[str]
+    rows: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, **row) -> None:
+        self.rows.append(row)
+
+    def format(self) -> str:
+        cells = [[_fmt(row.get(col)) for col in self.columns] for row in self.rows]
+        widths = [max([len(col)] + [len(r[i]) for r in cells]) for i, col in enumerate(self.columns)]
+        line = "  ".join(col.ljust(w) for col, w in zip(self.columns, widths))
+        out = [f"== {self.title} ==", line, "  ".join("-" * w for w in widths)]
+        out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+        out += [f"  note: {n}" for n in self.notes]
+        return "\n".join(out)
+
+    def to_dict(self) -> dict:
+        return {"title": self.title, "columns": self.columns, "rows": self.rows, "notes": self.notes}
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if value == 0:
+            return "0"
+        if abs(value) >= 100:
+            return f"{value:.0f}"
+        if abs(value) >= 1:
+            return f"{value:.2f}"
+        if abs(value) >= 1e-3:
+            return f"{value:.4f}"
+        return f"{value:.2e}"
+    return str(value)
+
+
+def speedup(before: Timing, after: Timing) -> float:
+    return before.median / after.median if after.median > 0 else float("nan")
+
+
+def print_tables(tables: list[Table]) -> None:
+    for table in tables:
+        print(table.format(), flush=True)
+        print(flush=True)
+
+
+def write_json(path: str | Path, tables: list[Table], device: torch.device, args: argparse.Namespace) -> None:
+    """All tables plus the machine and the flags, as one JSON document."""
+    payload = {
+        "machine": device_description(device),
+        "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
+        "tables": [t.to_dict() for t in tables],
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2, default=float))
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().double() - b.detach().double()).abs().max())
