@@ -10,7 +10,7 @@ from .models import (
     normalize_latents,
     vae_config,
 )
-from .pipelines import RepaEPipeline, load_imagenet_id2label
+from .pipelines import DIFFUSERS_ENTRY_POINT, RepaEPipeline, load_imagenet_id2label
 from .recipes import build_component, build_from_recipe, list_recipes, load_component_config, resolve_recipe
 from .schedulers import (
     FlowMatchEulerMaruyamaScheduler,
@@ -23,6 +23,7 @@ from .schedulers import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DIFFUSERS_ENTRY_POINT",
     "FlowMatchEulerMaruyamaScheduler",
     "FlowMatchHeunScheduler",
     "RepaEPipeline",

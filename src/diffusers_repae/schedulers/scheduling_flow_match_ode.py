@@ -22,9 +22,12 @@ from .scheduling_flow_match_euler_maruyama import (
 
 
 def repae_ode_sigmas(num_inference_steps: int) -> np.ndarray:
-    """The N start times of REPA-E's ODE steps, ``linspace(1, 0, N + 1)[:-1]`` (the scheduler appends the 0)."""
+    """The N start times of REPA-E's ODE steps, ``linspace(1, 0, N + 1)[:-1]`` (the scheduler appends the 0).
+
+    Computed with ``torch.linspace`` in float64 like the original (numpy's linspace differs in the last bit).
+    """
     check_num_inference_steps(num_inference_steps)
-    return np.linspace(1.0, 0.0, num_inference_steps + 1, dtype=np.float64)[:-1]
+    return torch.linspace(1.0, 0.0, num_inference_steps + 1, dtype=torch.float64)[:-1].numpy()
 
 
 class FlowMatchHeunScheduler(_StepIndexMixin, SchedulerMixin, ConfigMixin):
