@@ -1,0 +1,126 @@
+"""VAE reconstruction metrics on a dataset: PSNR, SSIM, LPIPS and rFID in one table.
+
+    python training/eval_vae.py --vae path/to/pipeline --vae_subfolder vae \
+        --dataset_name ILSVRC/imagenet-1k --split validation --resolution 256 --num_images 50000 \
+        --inception_weights weights-inception-2015-12-05-6726825d.pth --lpips_vgg_weights vgg16-397923af.pth
+
+Images go through the ADM centre crop of the training data loader (or come ready-made from ``--images``, an
+``.npz``/folder). LPIPS needs torchvision's VGG16 ImageNet weights: without ``--lpips_vgg_weights`` that column is
+left out (a note says so). rFID needs the Inception weights; offline, ``--feature_extractor efficientnet-lite0``
+reports rFD-EfficientNetLite0 instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+
+from diffusers_repae.evaluation import (
+    FEATURE_EXTRACTORS,
+    build_feature_extractor,
+    count_images,
+    evaluate_reconstruction,
+    iter_image_batches,
+    load_lpips_vgg,
+)
+from diffusers_repae.training.data import add_data_args, build_dataloader, load_training_dataset
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--vae", required=True, help="AutoencoderKL folder, or a pipeline folder with --vae_subfolder."
+    )
+    parser.add_argument("--vae_subfolder", default=None, help="Subfolder of --vae holding the VAE (e.g. 'vae').")
+    parser.add_argument("--images", default=None, help="Evaluate these images (.npz or folder) instead of a dataset.")
+    add_data_args(parser)
+    parser.add_argument("--split", default="train", help="Dataset split to evaluate (e.g. 'validation').")
+    parser.add_argument("--num_images", type=int, default=None, help="Evaluate only the first N images.")
+    parser.add_argument("--batch_size", type=int, default=16, help="Images per batch.")
+    parser.add_argument(
+        "--feature_extractor",
+        default="inception-v3",
+        choices=[*FEATURE_EXTRACTORS, "none"],
+        help="Network for rFID (inception-v3) or rFD-EfficientNetLite0 (offline); 'none' skips it.",
+    )
+    parser.add_argument("--inception_weights", default=None, help="torch-fidelity's Inception weights file.")
+    parser.add_argument("--allow_download", action="store_true", help="Download the Inception weights if missing.")
+    parser.add_argument(
+        "--lpips_vgg_weights", default=None, help="torchvision's vgg16-397923af.pth for LPIPS (else LPIPS is skipped)."
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device.")
+    parser.add_argument("--output_json", default=None, help="Also write the metrics to this JSON file.")
+    return parser.parse_args()
+
+
+def image_batches(args: argparse.Namespace):
+    """uint8 [B, H, W, 3] batches from --images or from the data loader, and how many images they hold."""
+    if args.images:
+        total = count_images(args.images)
+        total = total if args.num_images is None else min(total, args.num_images)
+        return iter_image_batches(args.images, args.batch_size, args.num_images), total
+    data = load_training_dataset(
+        dataset_name=args.dataset_name,
+        train_data_dir=args.train_data_dir,
+        dataset_config_name=args.dataset_config_name,
+        streaming=args.streaming,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        resolution=args.resolution,
+        split=args.split,
+        cache_dir=args.cache_dir,
+        embedded_label_by=args.embedded_label_by,
+    )
+    loader = build_dataloader(data, args.batch_size, drop_last=False)
+    total = None if data.streaming else len(data.dataset)
+    if args.num_images is not None:
+        total = args.num_images if total is None else min(total, args.num_images)
+    num_batches = None if total is None else -(-total // args.batch_size)
+    batches = (b["pixel_values"].permute(0, 2, 3, 1).numpy() for b in itertools.islice(loader, num_batches))
+    if args.num_images is not None:
+        batches = _truncate(batches, args.num_images)
+    return batches, total
+
+
+def _truncate(batches, limit: int):
+    seen = 0
+    for batch in batches:
+        yield batch[: limit - seen]
+        seen += len(batch)
+        if seen >= limit:
+            return
+
+
+def main() -> None:
+    args = parse_args()
+    vae = AutoencoderKL.from_pretrained(args.vae, subfolder=args.vae_subfolder)
+    extractor = None
+    if args.feature_extractor != "none":
+        weights = args.inception_weights if args.feature_extractor == "inception-v3" else None
+        extractor = build_feature_extractor(args.feature_extractor, weights, allow_download=args.allow_download)
+    lpips_model, note = None, None
+    if args.lpips_vgg_weights:
+        lpips_model = load_lpips_vgg(args.lpips_vgg_weights)
+    else:
+        note = "LPIPS skipped: it needs torchvision's VGG16 ImageNet weights; pass --lpips_vgg_weights PATH."
+    batches, total = image_batches(args)
+    results = evaluate_reconstruction(vae, batches, extractor, lpips_model, device=args.device, total=total)
+
+    print(f"VAE: {args.vae}" + (f" ({args.vae_subfolder})" if args.vae_subfolder else ""))
+    print("| " + " | ".join(results) + " |")
+    print("|" + "---|" * len(results))
+    print("| " + " | ".join(f"{v:.4f}" for v in results.values()) + " |")
+    if note:
+        print(note)
+    if args.output_json:
+        record = {"vae": args.vae, "vae_subfolder": args.vae_subfolder, "metrics": results, "note": note}
+        Path(args.output_json).write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Generative metrics between a reference set and a sample set, each an ADM-style ``.npz`` or a folder of images.
+
+    python training/evaluate.py --reference VIRTUAL_imagenet256_labeled.npz --samples samples/samples_50000.npz \
+        --inception_weights weights-inception-2015-12-05-6726825d.pth
+
+Reports FID, sFID, Inception Score and k-NN precision/recall (ADM's evaluator protocol) with torch-fidelity's
+TF-ported InceptionV3. Offline without those weights, ``--feature_extractor efficientnet-lite0`` uses the bundled
+EfficientNet-Lite0 and reports FD-EfficientNetLite0 & co. (not comparable with FID).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from diffusers_repae.evaluation import FEATURE_EXTRACTORS, build_feature_extractor, features_of, metrics_from_features
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", required=True, help="Reference images: ADM-style .npz (arr_0) or a folder.")
+    parser.add_argument("--samples", required=True, help="Generated images: ADM-style .npz (arr_0) or a folder.")
+    parser.add_argument(
+        "--feature_extractor",
+        default="inception-v3",
+        choices=FEATURE_EXTRACTORS,
+        help="inception-v3: FID/sFID/IS/precision/recall; efficientnet-lite0: offline FD-EfficientNetLite0 & co.",
+    )
+    parser.add_argument(
+        "--inception_weights",
+        default=None,
+        help="Path to torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: the torch hub cache).",
+    )
+    parser.add_argument(
+        "--allow_download", action="store_true", help="Download the Inception weights if they are not found."
+    )
+    parser.add_argument("--batch_size", type=int, default=64, help="Images per feature-extraction batch.")
+    parser.add_argument("--max_images", type=int, default=None, help="Use only the first N images of each set.")
+    parser.add_argument("--k", type=int, default=3, help="Neighbourhood size of the precision/recall manifolds.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device.")
+    parser.add_argument("--output_json", default=None, help="Also write the metrics to this JSON file.")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    weights = args.inception_weights if args.feature_extractor == "inception-v3" else None
+    extractor = build_feature_extractor(args.feature_extractor, weights, allow_download=args.allow_download)
+    reference = features_of(extractor, args.reference, args.batch_size, args.device, args.max_images)
+    samples = features_of(extractor, args.samples, args.batch_size, args.device, args.max_images)
+    results = metrics_from_features(reference, samples, extractor.name, k=args.k, device=args.device)
+
+    print(f"reference: {args.reference} ({len(reference['pool'])} images)")
+    print(f"samples:   {args.samples} ({len(samples['pool'])} images)")
+    print(f"features:  {extractor.name}")
+    print("| metric | value |\n|---|---|")
+    for name, value in results.items():
+        print(f"| {name} | {value:.4f} |")
+    if args.output_json:
+        record = {
+            "reference": str(args.reference),
+            "samples": str(args.samples),
+            "feature_extractor": extractor.name,
+            "num_reference": len(reference["pool"]),
+            "num_samples": len(samples["pool"]),
+            "metrics": results,
+        }
+        Path(args.output_json).write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Generate many samples for FID (ADM protocol) on any number of GPUs; resumable; PNGs + ADM-style ``.npz``.
+
+    accelerate launch --num_processes 8 training/sample_fid.py --pretrained path/to/pipeline \
+        --output_dir samples/sit-xl-2 --num_samples 50000 --sampler sde --num_inference_steps 250 \
+        --guidance_scale 2.2 --guidance_interval 0 0.65 --batch_size 64
+
+Every sample depends only on its global index and ``--seed`` (label and all its noise), so the result is the same
+for any number of processes or batch size. Re-running the same command after an interruption makes only the
+missing PNGs. At the end the main process packs ``images/*.png`` into ``samples_NxHxWx3.npz`` (``arr_0`` uint8
+images, ``arr_1`` labels) for ``training/evaluate.py`` or ADM's evaluator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from accelerate import PartialState
+from tqdm.auto import tqdm
+
+from diffusers_repae import RepaEPipeline
+from diffusers_repae.evaluation.sampling import (
+    LABEL_SAMPLING,
+    check_run_config,
+    collect_npz,
+    missing_indices,
+    run_sampling,
+    sample_labels,
+)
+from diffusers_repae.recipes import resolve_recipe
+from diffusers_repae.schedulers import SAMPLERS
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--pretrained",
+        required=True,
+        help="RepaEPipeline.save_pretrained folder, or a recipe name/folder (RANDOM weights: a smoke test only).",
+    )
+    parser.add_argument("--output_dir", required=True, help="Folder for images/, the .npz and sampling_config.json.")
+    parser.add_argument("--num_samples", type=int, default=50000, help="Total number of samples (ADM: 50000).")
+    parser.add_argument(
+        "--label_sampling",
+        choices=LABEL_SAMPLING,
+        default="balanced",
+        help="balanced: label = index %% num_classes (50 per class for 50k on ImageNet); random: uniform labels.",
+    )
+    parser.add_argument("--num_classes", type=int, default=None, help="Classes to sample (default: the model's).")
+    parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="Sampler (default: pipeline's).")
+    parser.add_argument("--num_inference_steps", type=int, default=None, help="Sampler steps (default: model card).")
+    parser.add_argument("--guidance_scale", type=float, default=None, help="CFG scale; <= 1 disables guidance.")
+    parser.add_argument(
+        "--guidance_interval",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LOW", "HIGH"),
+        help="Apply guidance only for LOW <= t <= HIGH (default: the model card's).",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Run seed; sample i uses a generator from (seed, i).")
+    parser.add_argument("--batch_size", type=int, default=32, help="Images per forward pass per process.")
+    parser.add_argument("--float64", action="store_true", help="Sampler state in float64, like the original.")
+    parser.add_argument(
+        "--model_dtype", choices=sorted(DTYPES), default="float32", help="dtype of the transformer and VAE weights."
+    )
+    parser.add_argument("--npz_path", default=None, help="Where to write the .npz (default: in --output_dir).")
+    parser.add_argument("--skip_npz", action="store_true", help="Only write PNGs (pack them later by re-running).")
+    return parser.parse_args(argv)
+
+
+def load_pipeline(pretrained: str, dtype: torch.dtype) -> RepaEPipeline:
+    folder = resolve_recipe(pretrained)
+    if any((folder / "transformer").glob("*.safetensors")) or any((folder / "transformer").glob("*.bin")):
+        return RepaEPipeline.from_pretrained(folder, dtype=dtype)
+    print(f"WARNING: {folder} has no weights: sampling a RANDOM model (a smoke test, not a result).", file=sys.stderr)
+    return RepaEPipeline.from_recipe(folder).to(dtype=dtype)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    state = PartialState()
+    pipe = load_pipeline(args.pretrained, DTYPES[args.model_dtype]).to(state.device)
+    pipe.set_progress_bar_config(disable=True)
+    num_classes = args.num_classes or pipe.transformer.config.num_classes
+    if not 1 <= num_classes <= pipe.transformer.config.num_classes:
+        raise ValueError(f"num_classes must be in [1, {pipe.transformer.config.num_classes}], got {num_classes}.")
+    labels = sample_labels(args.num_samples, num_classes, args.label_sampling, args.seed)
+    call_kwargs = {
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+        "guidance_interval": args.guidance_interval,
+        "sampler": args.sampler,
+        "sampling_dtype": torch.float64 if args.float64 else torch.float32,
+    }
+    run_config = {
+        "pretrained": str(args.pretrained),
+        "label_sampling": args.label_sampling,
+        "num_classes": num_classes,
+        "seed": args.seed,
+        "sampler": args.sampler,
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+        "guidance_interval": args.guidance_interval,
+        "float64": args.float64,
+        "model_dtype": args.model_dtype,
+    }
+    if state.is_main_process:
+        check_run_config(args.output_dir, run_config)
+    state.wait_for_everyone()
+    todo = missing_indices(args.output_dir, args.num_samples)  # every process reads this before anyone writes
+    state.wait_for_everyone()
+
+    done = args.num_samples - len(todo)
+    share = -(-len(todo) // state.num_processes)
+    if state.is_main_process:
+        print(f"{done} of {args.num_samples} samples already exist; {len(todo)} to make on {state.num_processes} "
+              f"process(es) with batch size {args.batch_size}.")  # fmt: skip
+    bar = tqdm(total=share, desc="sampling (this process)", unit="img", disable=not state.is_main_process)
+    start = time.perf_counter()
+    made = run_sampling(
+        pipe, args.output_dir, todo, labels, args.seed, args.batch_size,
+        state.process_index, state.num_processes, on_batch=bar.update, **call_kwargs,
+    )  # fmt: skip
+    bar.close()
+    elapsed = time.perf_counter() - start
+    state.wait_for_everyone()
+    if state.is_main_process:
+        rate = made / elapsed if elapsed > 0 and made else 0.0
+        print(f"main process made {made} images in {elapsed:.1f} s ({rate:.2f} img/s per process)")
+        if not args.skip_npz:
+            path = collect_npz(args.output_dir, args.num_samples, labels, args.npz_path)
+            print(f"wrote {path}")
+    state.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()
