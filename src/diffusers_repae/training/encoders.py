@@ -247,7 +247,7 @@ def _transformers_encoder(name: str, source: str, resolution: int, num_tokens: i
 
 def _set_position_table(model: torch.nn.Module, family: str, grid: int, input_size: int) -> None:
     """Swap the stored position table for one resampled to ``grid`` (see the module docstring)."""
-    embeddings = model.vision_model.embeddings if family == "clip" else model.embeddings
+    embeddings = getattr(model, "vision_model", model).embeddings  # CLIP nests it in older transformers
     pos_prefix = 0 if family == "ijepa" else 1  # position rows before the patches (CLS; registers have none)
     with torch.no_grad():
         if family == "clip":

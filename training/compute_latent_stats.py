@@ -1,0 +1,98 @@
+"""Measure the per-channel latent statistics of a dataset under a VAE and compare them with the VAE config's.
+
+Prints a table (data vs config mean/std, normalised shift and ratio per channel, one summary distance), saves a
+plot, recommends whether to keep the config statistics, and with ``--write DIR`` saves a copy of the VAE whose
+config carries the measured statistics (``latents_mean``, ``latents_std``, ``scaling_factor`` 1.0).
+
+Statistics are of posterior samples, as REPA-E's latent BatchNorm sees them (see
+``diffusers_repae.training.latent_stats``).
+
+Example (embedded OpenMoji data, tiny random VAE)::
+
+    python training/compute_latent_stats.py --vae tiny-cpu --resolution 64 --max_images 512 \
+        --plot latent_stats.png --write out/vae-with-stats
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from tqdm.auto import tqdm
+
+from diffusers_repae.training.data import add_data_args, build_dataloader, training_data_from_args
+from diffusers_repae.training.latent_cache import load_vae
+from diffusers_repae.training.latent_stats import (
+    RunningChannelStats,
+    compare_stats,
+    config_latent_stats,
+    encode_posterior,
+    plot_comparison,
+    with_latent_stats,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--vae",
+        type=str,
+        required=True,
+        help="A diffusers AutoencoderKL folder, a pipeline folder with vae/, or a recipe name (random weights).",
+    )
+    add_data_args(parser)
+    parser.add_argument("--batch_size", type=int, default=32, help="Images per VAE forward pass.")
+    parser.add_argument("--max_images", type=int, default=None, help="Stop after this many images (default: all).")
+    parser.add_argument(
+        "--use", type=str, default="sample", choices=["sample", "mean"], help="Posterior samples or means."
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the data order and the posterior noise.")
+    parser.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes.")
+    parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu", help="Device.")
+    parser.add_argument("--plot", type=str, default="latent_stats.png", help="Where to save the comparison plot.")
+    parser.add_argument(
+        "--tolerance", type=float, default=0.1, help="Summary distance under which the config statistics are kept."
+    )
+    parser.add_argument(
+        "--write", type=str, default=None, help="Save a copy of the VAE with the measured statistics to this folder."
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    data = training_data_from_args(args, seed=args.seed)
+    if data.streaming:
+        raise ValueError("--streaming is not supported here: measure on a downloaded dataset (or --max_images).")
+    dataloader = build_dataloader(data, args.batch_size, args.num_workers, seed=args.seed, drop_last=False)
+    vae = load_vae(args.vae, seed=args.seed).to(args.device).eval()
+    generator = torch.Generator().manual_seed(args.seed)
+    running = RunningChannelStats()
+    total = min(len(data.dataset), args.max_images or len(data.dataset))
+    seen = skipped = 0
+    with torch.no_grad(), tqdm(total=total, desc="encoding", unit="img") as progress:
+        for batch in dataloader:
+            pixels = batch["pixel_values"][: total - seen]
+            mean, std = encode_posterior(vae, pixels)
+            noise = torch.randn(mean.shape, generator=generator).to(mean.device)
+            running.update((mean + std * noise) if args.use == "sample" else mean)
+            seen += pixels.shape[0]
+            skipped += int(batch["num_skipped"].sum())
+            progress.update(pixels.shape[0])
+            if seen >= total:
+                break
+    stats = running.result()
+    config_mean, config_std = config_latent_stats(vae, stats.mean.numel())
+    comparison = compare_stats(stats, config_mean, config_std)
+    print(f"{seen} images from {data.source} at {args.resolution} px, {args.use} latents; {skipped} bad files skipped")
+    print(comparison.table())
+    print(comparison.recommendation(args.tolerance))
+    plot_comparison(comparison, args.plot)
+    print(f"plot saved to {args.plot}")
+    if args.write:
+        with_latent_stats(vae, stats).save_pretrained(args.write)
+        print(f"VAE with latents_mean/latents_std (scaling_factor 1.0) saved to {args.write}")
+
+
+if __name__ == "__main__":
+    main()
