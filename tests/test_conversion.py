@@ -469,3 +469,16 @@ def test_real_sit_layouts_map_completely(model, recipe, input_size, channels):
         sit = SiTTransformer2DModel.from_config(config)
     expected = {diffusers_to_original_key(k): tuple(v.shape) for k, v in sit.state_dict().items()}
     assert expected == {k: tuple(v.shape) for k, v in split.transformer.items()}
+
+
+def test_recipe_choice_from_model_name_and_vae_file():
+    from diffusers_repae.conversion.repae import pick_recipe, vae_family
+
+    xl2 = load_component_config("sit-xl-2-sdvae", "transformer")
+    xl1 = load_component_config("sit-xl-1-vavae", "transformer")
+    assert pick_recipe(xl2, "SiT-XL/2", vae_family("pretrained/sdvae/sdvae-f8d4.pt"), False) == "sit-xl-2-sdvae"
+    assert pick_recipe(xl1, "SiT-XL/1", vae_family("pretrained/invae/invae-f16d32.pt"), False) == "sit-xl-1-invae"
+    assert pick_recipe(xl1, "SiT-XL/1", vae_family("pretrained/vavae/vavae-f16d32.pt"), False) == "sit-xl-1-vavae"
+    assert pick_recipe(xl1, "SiT-XL/1", vae_family("e2e-vavae/e2e-vavae-400k.pt"), True) == "sit-xl-1-e2e-vavae-ldm"
+    small = {**xl2, "hidden_size": 64}
+    assert pick_recipe(small, "SiT-XL/2", "sdvae", False) is None
