@@ -2,11 +2,19 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from accelerate import init_empty_weights
 
-from diffusers_repae import SiTTransformer2DModel, build_component, list_recipes, load_component_config, resolve_recipe
+from diffusers_repae import (
+    RepaEPipeline,
+    SiTTransformer2DModel,
+    build_component,
+    list_recipes,
+    load_component_config,
+    resolve_recipe,
+)
 
 RECIPES = list_recipes()
 
@@ -63,3 +71,29 @@ def test_tiny_recipe_weights_round_trip(tmp_path):
 def test_unknown_recipe_is_a_clear_error():
     with pytest.raises(ValueError, match="neither a folder"):
         resolve_recipe("sit-q-3-nothing")
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_scheduler_builds_with_its_recommended_settings(name):
+    scheduler = build_component(name, "scheduler")
+    index = json.loads((resolve_recipe(name) / "model_index.json").read_text())
+    assert type(scheduler).__name__ == index["scheduler"][1]
+    scheduler.set_timesteps(index["default_num_inference_steps"])
+    assert len(scheduler.timesteps) == index["default_num_inference_steps"]
+    low, high = index["default_guidance_interval"]
+    assert 0.0 <= low <= high <= 1.0 and index["default_guidance_scale"] >= 1.0
+
+
+def test_tiny_recipe_pipeline_round_trips_bit_identically(tmp_path):
+    pipe = RepaEPipeline.from_recipe("tiny-cpu")
+    with torch.no_grad():
+        for param in pipe.transformer.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+    kwargs = dict(class_labels=[0, 3], num_inference_steps=3, output_type="np")
+    first = pipe(generator=torch.Generator().manual_seed(7), **kwargs).images
+    pipe.save_pretrained(tmp_path)
+    loaded = RepaEPipeline.from_pretrained(tmp_path)
+    assert loaded.config.default_guidance_scale == pipe.config.default_guidance_scale
+    second = loaded(generator=torch.Generator().manual_seed(7), **kwargs).images
+    assert first.shape == (2, 64, 64, 3)
+    np.testing.assert_array_equal(first, second)

@@ -59,8 +59,14 @@ def build_component(recipe: str | Path, component: str, **overrides):
 
 
 def build_from_recipe(recipe: str | Path, with_projector: bool = False) -> dict:
-    """Randomly initialised ``transformer``, ``vae`` and ``scheduler`` (and ``projector``) of a recipe."""
-    components = {name: build_component(recipe, name) for name in ("transformer", "vae", "scheduler")}
-    if with_projector:
-        components["projector"] = build_component(recipe, "projector")
+    """Randomly initialised ``transformer``, ``vae`` and ``scheduler`` (and ``projector``) of a recipe.
+
+    Models come in eval mode, as ``from_pretrained`` returns them (diffusers' VAE decoder is not bit-identical
+    between train and eval mode), so a recipe pipeline samples exactly like its saved-and-reloaded copy.
+    """
+    names = ("transformer", "vae", "scheduler", "projector") if with_projector else ("transformer", "vae", "scheduler")
+    components = {name: build_component(recipe, name) for name in names}
+    for component in components.values():
+        if hasattr(component, "eval"):
+            component.eval()
     return components
