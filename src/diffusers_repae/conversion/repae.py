@@ -22,7 +22,6 @@ from ..recipes import build_component, resolve_recipe
 from .loading import ConversionError, check_state_dict, extract_state_dict, namespace_to_dict, strip_wrapper_prefixes
 from .sit import (
     SplitSiT,
-    diffusers_to_original_key,
     find_recipe,
     infer_sit_config,
     load_projector,
@@ -160,6 +159,8 @@ def convert_training_checkpoint(
         vae_sd = extract_state_dict(vae_checkpoint)
     else:
         vae_sd = strip_wrapper_prefixes(checkpoint["vae"])
+        if vae_checkpoint is not None:
+            notes.append("--vae_checkpoint ignored: the checkpoint carries its own (end-to-end tuned) VAE")
     vae_sd, skipped = split_known_extras(vae_sd)
     if skipped:
         notes.append(f"skipped {len(skipped)} VAE keys that are not part of the autoencoder: {', '.join(skipped)}")
@@ -244,8 +245,3 @@ def _add_training_state(
     if "discriminator" in checkpoint and checkpoint["discriminator"]:
         converted.discriminator = discriminator_from_state_dict(checkpoint["discriminator"])
         converted.sources["discriminator"] = strip_wrapper_prefixes(checkpoint["discriminator"])
-
-
-def expected_transformer_keys(model: SiTTransformer2DModel) -> dict[str, str]:
-    """``{diffusers key: original key}`` of a transformer (for reports)."""
-    return {key: diffusers_to_original_key(key) for key in model.state_dict()}
