@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
 from diffusers_repae.training.encoders import (
+    CLIP_MEAN,
+    CLIP_STD,
     ENCODER_SPECS,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -110,3 +112,30 @@ def test_efficientnet_lite0_bundled_weights_grid_and_preprocessing():
     torch.testing.assert_close(tokens, captured["x"].flatten(2).transpose(1, 2))
     with pytest.raises(ValueError, match="square"):
         load_vision_encoders("efficientnet-lite0", resolution=64, num_tokens=60)
+
+
+@pytest.mark.parametrize("name", ["clip-vit-L", "mae-vit-l", "jepa-vit-h"])
+def test_other_transformers_encoders_from_tiny_local_folders(tmp_path, name):
+    from transformers import CLIPVisionConfig, CLIPVisionModel, IJepaConfig, IJepaModel, ViTMAEConfig, ViTMAEModel
+
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    torch.manual_seed(0)
+    if name == "clip-vit-L":
+        model = CLIPVisionModel(CLIPVisionConfig(patch_size=14, image_size=70, **small))
+    elif name == "mae-vit-l":
+        model = ViTMAEModel(ViTMAEConfig(patch_size=16, image_size=48, **small))  # 3x3 table -> 4x4 grid
+    else:
+        model = IJepaModel(IJepaConfig(patch_size=14, image_size=70, **small))
+    model.save_pretrained(tmp_path / "enc")
+    (encoder,) = load_vision_encoders(name, resolution=64, num_tokens=16, local_paths={name: tmp_path / "enc"})
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    tokens = encoder(images)
+    assert tokens.shape == (2, 16, 32)
+    torch.testing.assert_close(encoder(images), tokens)  # MAE: no random masking or shuffling
+    # MAE runs at the training resolution; CLIP and I-JEPA at 224 * 64 / 256 = 56 px.
+    assert encoder.input_size == (64 if name == "mae-vit-l" else 56)
+    mean, std = (CLIP_MEAN, CLIP_STD) if name == "clip-vit-L" else (IMAGENET_MEAN, IMAGENET_STD)
+    x = (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    if encoder.input_size != 64:
+        x = F.interpolate(x, size=(56, 56), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(encoder.preprocess(images), x)

@@ -72,13 +72,15 @@ def main(argv: list[str] | None = None) -> None:
     seen = skipped = 0
     with torch.no_grad(), tqdm(total=total, desc="encoding", unit="img") as progress:
         for batch in dataloader:
+            good = batch["num_skipped"][: total - seen] == 0  # leave out stand-ins for bad files
             pixels = batch["pixel_values"][: total - seen]
-            mean, std = encode_posterior(vae, pixels)
-            noise = torch.randn(mean.shape, generator=generator).to(mean.device)
-            running.update((mean + std * noise) if args.use == "sample" else mean)
             seen += pixels.shape[0]
-            skipped += int(batch["num_skipped"].sum())
+            skipped += int((~good).sum())
             progress.update(pixels.shape[0])
+            if good.any():
+                mean, std = encode_posterior(vae, pixels[good])
+                noise = torch.randn(mean.shape, generator=generator).to(mean.device)
+                running.update((mean + std * noise) if args.use == "sample" else mean)
             if seen >= total:
                 break
     stats = running.result()
