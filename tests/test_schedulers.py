@@ -15,6 +15,16 @@ from diffusers_repae import (
     set_repae_timesteps,
 )
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids oversubscription stalls (10x here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------------------------- an analytic field
 # Data x0 ~ N(MU, S^2) per coordinate, x_t = (1 - t) x0 + t eps. Then x_t ~ N((1 - t) MU, var_t) with
 # var_t = (1 - t)^2 S^2 + t^2, and the exact velocity E[eps - x0 | x_t] is linear in x_t.

@@ -379,7 +379,9 @@ class RepaEPipeline(DiffusionPipeline):
                 latents = scheduler.step(velocity, timestep, latents, generator=generator).prev_sample
 
                 if callback_on_step_end is not None:
-                    callback_kwargs = {k: locals()[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_kwargs = {}
+                    for k in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[k] = locals()[k]
                     callback_outputs = callback_on_step_end(self, i, timestep, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
 
