@@ -175,3 +175,16 @@ def test_add_data_args_and_bad_values(tmp_path):
         load_training_dataset(dataset_name="ILSVRC/imagenet-1k", resolution=128)
     with pytest.raises(ValueError, match="not both"):
         load_training_dataset(dataset_name="x", train_data_dir=tmp_path)
+
+
+def test_accelerate_config_files_parse():
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    folder = Path(__file__).resolve().parents[1] / "training" / "configs"
+    configs = {path.stem: load_config_from_file(str(path)) for path in folder.glob("*.yaml")}
+    assert {"single_gpu", "cpu", "multi_gpu_8x_bf16", "multi_node_2x8", "fsdp_8x_bf16"} <= set(configs)
+    assert configs["multi_gpu_8x_bf16"].num_processes == 8 and configs["multi_gpu_8x_bf16"].mixed_precision == "bf16"
+    assert configs["multi_node_2x8"].num_machines == 2 and configs["multi_node_2x8"].num_processes == 16
+    assert configs["fsdp_8x_bf16"].fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "SiTBlock"
