@@ -24,7 +24,9 @@ from diffusers_repae.models.vae import VAE_PRESETS
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--checkpoint", required=True, help="train_repae / train_ldm_only checkpoint (.pt or .safetensors)."
+        "--checkpoint",
+        required=True,
+        help="train_repae / train_ldm_only checkpoint: .pt, or .safetensors with 'model.'/'ema.'/'vae.' key prefixes.",
     )
     parser.add_argument("--output_dir", required=True, help="Folder to write the RepaEPipeline (safetensors) to.")
     parser.add_argument(

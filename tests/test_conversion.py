@@ -484,3 +484,18 @@ def test_recipe_choice_from_model_name_and_vae_file():
     assert pick_recipe(xl1, "SiT-XL/1", vae_family("e2e-vavae/e2e-vavae-400k.pt"), True) == "sit-xl-1-e2e-vavae-ldm"
     small = {**xl2, "hidden_size": 64}
     assert pick_recipe(small, "SiT-XL/2", "sdvae", False) is None
+
+
+def test_flat_safetensors_checkpoint_without_args_needs_flags(repae_checkpoint, tmp_path, capsys):
+    ckpt = repae_checkpoint["ckpt"]
+    groups = ("ema", "model", "vae")
+    flat = {f"{group}.{key}": value.contiguous() for group in groups for key, value in ckpt[group].items()}
+    save_file(flat, str(tmp_path / "repae.safetensors"))
+    base = ["--checkpoint", str(tmp_path / "repae.safetensors"), "--output_dir", str(tmp_path / "out")]
+    assert convert_repae.main(base) == 2  # no args: nothing names the VAE architecture
+    assert "--vae_arch" in capsys.readouterr().err
+    assert convert_repae.main([*base, "--vae_arch", "f8d4", "--model", "SiT-S/2"]) == 0
+    sit = SiTTransformer2DModel.from_pretrained(tmp_path / "out" / "transformer").eval()
+    x, t, y = torch.randn(1, 4, 16, 16), torch.tensor([0.6]), torch.tensor([5])
+    with torch.no_grad():
+        torch.testing.assert_close(sit(x, t, y).sample, repae_checkpoint["ema"](x, t, y)[0], atol=1e-5, rtol=0)

@@ -121,6 +121,24 @@ def check_state_dict(
         raise ConversionError(f"{what} does not match the expected architecture:\n  " + "\n  ".join(problems))
 
 
+def group_by_prefix(checkpoint: Mapping, groups: Iterable[str]) -> dict:
+    """A flat ``{"ema.blocks.0...": tensor}`` dict (how a safetensors file stores a nested checkpoint) ->
+    ``{"ema": {"blocks.0...": tensor}, ...}``; other layouts are returned unchanged."""
+    groups = tuple(groups)
+    if any(group in checkpoint for group in groups) or not is_state_dict(checkpoint):
+        return dict(checkpoint)
+    if not any(key.startswith(f"{group}.") for key in checkpoint for group in groups):
+        return dict(checkpoint)
+    nested: dict = {}
+    for key, value in checkpoint.items():
+        group, _, rest = key.partition(".")
+        if group in groups and rest:
+            nested.setdefault(group, {})[rest] = value
+        else:
+            nested[key] = value
+    return nested
+
+
 def namespace_to_dict(args) -> dict:
     """The training arguments as a plain dict (``{}`` when absent), whatever form they were saved in."""
     if args is None:

@@ -19,7 +19,14 @@ from ..models.discriminator import PatchGANDiscriminator
 from ..models.projector import REPAProjector
 from ..models.transformer_sit import SiTTransformer2DModel
 from ..recipes import build_component, resolve_recipe
-from .loading import ConversionError, check_state_dict, extract_state_dict, namespace_to_dict, strip_wrapper_prefixes
+from .loading import (
+    ConversionError,
+    check_state_dict,
+    extract_state_dict,
+    group_by_prefix,
+    namespace_to_dict,
+    strip_wrapper_prefixes,
+)
 from .sit import (
     SplitSiT,
     find_recipe,
@@ -123,6 +130,7 @@ def convert_training_checkpoint(
     with_training_state: bool = False,
 ) -> ConvertedCheckpoint:
     """A train_repae checkpoint (with ``vae``) or a train_ldm_only one (VAE and stats given separately)."""
+    checkpoint = group_by_prefix(checkpoint, ("model", "ema", "vae", "discriminator"))
     for key in ("model", "ema"):
         if key not in checkpoint:
             raise ConversionError(
