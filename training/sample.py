@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="Seed of the generator (initial noise and SDE noise).")
     parser.add_argument("--float64", action="store_true", help="Run the sampler state in float64, like the original.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device.")
+    parser.add_argument(
+        "--num_threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 suits tiny models)."
+    )
     parser.add_argument("--output", default="grid.png", help="Where to write the image grid (PNG).")
     return parser.parse_args(argv)
 
@@ -78,6 +81,8 @@ def parse_label(label: str) -> int | str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
     pipe = load_pipeline(args.pretrained).to(args.device)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     images = pipe(
