@@ -196,7 +196,7 @@ def phased_step(models: RepaEModels, hp: RepaEHyperParameters, batch: dict, gene
 def phase_table(args, device: torch.device) -> Table:
     """Median time per phase of the composed step, its FLOPs and memory, and the library's train_step as a check."""
     accelerator, models, hp, resolution, encoder_name = build_tiny_training(device, args.seed)
-    batch_size = 2 if args.quick else args.train_batch_size
+    batch_size = 1 if args.quick else args.train_batch_size
     batch = make_batch(batch_size, resolution, models.transformer.config.num_classes, device, args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     table = Table(

@@ -79,11 +79,12 @@ def setup(args: argparse.Namespace) -> torch.device:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    device = resolve_device(args.device)
     if args.repeats is None:
-        args.repeats = 1 if args.quick else 5
+        args.repeats = 1 if args.quick else (10 if device.type == "cuda" else 3)
     if args.warmup is None:
-        args.warmup = 0 if args.quick else 1
-    return resolve_device(args.device)
+        args.warmup = 0 if args.quick else (3 if device.type == "cuda" else 1)
+    return device
 
 
 def synchronize(device: torch.device) -> None:
