@@ -13,9 +13,10 @@ class LatentBatchNorm(nn.BatchNorm2d):
     ``latents_std = sqrt(running_var)``. Like the original decoder, the std carries **no eps**: sampling
     un-normalises with ``z = x * sqrt(running_var) + running_mean``.
 
-    Exactness: the std is computed in float64 from the float32 variance, so ``float32(latents_std)`` equals
-    ``torch.sqrt(running_var)`` bit for bit (IEEE square roots are correctly rounded) and squaring it back in
-    float64 then rounding to float32 gives the original variance: BN -> config -> BN is lossless.
+    Exactness: the std is computed in float64 from the float32 variance, so ``float32(latents_std)`` is the
+    correctly rounded float32 square root (what CUDA's ``sqrt`` returns; torch's vectorised CPU ``sqrt`` can be one
+    ulp off), and squaring it back in float64 then rounding to float32 gives the original variance: BN -> config
+    -> BN is lossless.
     """
 
     def __init__(self, num_channels: int, momentum: float = 0.1, eps: float = 1e-4):
