@@ -188,3 +188,29 @@ def test_accelerate_config_files_parse():
     assert configs["multi_gpu_8x_bf16"].num_processes == 8 and configs["multi_gpu_8x_bf16"].mixed_precision == "bf16"
     assert configs["multi_node_2x8"].num_machines == 2 and configs["multi_node_2x8"].num_processes == 16
     assert configs["fsdp_8x_bf16"].fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "SiTBlock"
+
+
+def test_streaming_resume_from_state_dict(tmp_path):
+    """datasets restores the stream position; the shuffle buffer's contents (<= buffer size samples) are dropped."""
+    root = tmp_path / "data"
+    (root / "a").mkdir(parents=True)
+    for i in range(12):
+        Image.new("RGB", (16, 16), (i * 20, 0, 0)).save(root / "a" / f"{i}.png")
+
+    def stream():
+        data = load_training_dataset(
+            train_data_dir=root, resolution=16, streaming=True, seed=7, shuffle_buffer_size=2, cache_dir=tmp_path
+        )
+        return data.dataset
+
+    first = stream()
+    iterator = iter(first)
+    head = [int(next(iterator)["pixel_values"][0, 0, 0]) for _ in range(5)]
+    state = first.state_dict()
+    rest = [int(s["pixel_values"][0, 0, 0]) for s in iterator]
+    assert sorted(head + rest) == [i * 20 for i in range(12)]
+    resumed = stream()
+    resumed.load_state_dict(state)
+    again = [int(s["pixel_values"][0, 0, 0]) for s in resumed]
+    assert again and set(again) <= set(rest) and len(rest) - len(again) <= 2
+    assert not set(again) & set(head)

@@ -26,7 +26,9 @@ Deterministic order and exact resume (map-style). The training script must:
 
 Streaming datasets are sharded with ``datasets.distributed.split_dataset_by_node`` and shuffled with a buffer
 (seeded; ``set_epoch`` reshuffles). For resume, save ``data.dataset.state_dict()`` per process in the checkpoint
-and restore it with ``load_state_dict`` (``datasets`` keeps the exact position; works with ``num_workers=0``).
+and restore it with ``load_state_dict`` (``datasets`` restores the position in the source; the samples that sat in
+the shuffle buffer, at most ``shuffle_buffer_size`` per process, are dropped; use ``num_workers=0`` or torchdata's
+StatefulDataLoader for this).
 """
 
 from __future__ import annotations
@@ -238,7 +240,7 @@ class StreamingImageLabelDataset(torch.utils.data.IterableDataset):
         self.dataset.set_epoch(epoch)
 
     def state_dict(self) -> dict:
-        """Exact stream position (``datasets.IterableDataset.state_dict``), for checkpoints."""
+        """Stream position (``datasets.IterableDataset.state_dict``) for checkpoints; the buffer is not kept."""
         return self.dataset.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
