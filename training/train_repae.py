@@ -146,6 +146,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="GLOBAL batch size per optimizer step (as the original): split over processes and accumulation.",
     )
     parser.add_argument("--max_train_steps", type=int, default=400_000, help="Optimizer steps to train for.")
+    parser.add_argument(
+        "--max_train_minutes",
+        type=float,
+        default=None,
+        help="Also stop (checkpoint and export) once training has run this many minutes: for demos on slow "
+        "hardware. Off by default.",
+    )
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
     parser.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate of the SiT.")
     parser.add_argument("--vae_learning_rate", type=float, default=1e-4, help="AdamW learning rate of the VAE.")
@@ -560,8 +567,9 @@ def main(argv: list[str] | None = None) -> Path:
     progress = tqdm(
         range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
-    step_start = time.perf_counter()
+    step_start = train_start = time.perf_counter()
     last_checkpoint = resume
+    out_of_time = False
     while global_step < args.max_train_steps:
         dataloader.set_epoch(epoch)
         data.dataset.set_epoch(epoch)
@@ -592,13 +600,21 @@ def main(argv: list[str] | None = None) -> Path:
             accelerator.log(scalars, step=global_step)
             progress.set_postfix(sit=f"{scalars['sit/loss']:.4f}", vae=f"{scalars['vae/loss']:.4f}")
 
-            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+            if args.max_train_minutes is not None:  # every process must agree to stop at the same step
+                late = torch.tensor([time.perf_counter() - train_start > 60 * args.max_train_minutes], dtype=torch.int)
+                out_of_time = accelerator.reduce(late.to(accelerator.device), "max").item() > 0
+                if out_of_time:
+                    logger.info(f"--max_train_minutes {args.max_train_minutes} reached at step {global_step}")
+            final_step = global_step == args.max_train_steps or out_of_time
+            if global_step % args.checkpointing_steps == 0 or final_step:
                 last_checkpoint = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
                 logger.info(f"saved {last_checkpoint}")
             if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 log_validation(args, accelerator, models, data, global_step)
-            if global_step >= args.max_train_steps:
+            if final_step:
                 break
+        if out_of_time:
+            break
         epoch += 1
 
     accelerator.wait_for_everyone()
