@@ -28,7 +28,7 @@ from diffusers_repae.evaluation import (
     iter_image_batches,
     load_lpips_vgg,
 )
-from diffusers_repae.training.data import add_data_args, build_dataloader, load_training_dataset
+from diffusers_repae.training.data import add_data_args, load_training_dataset
 
 
 def parse_args() -> argparse.Namespace:
@@ -76,7 +76,7 @@ def image_batches(args: argparse.Namespace):
         cache_dir=args.cache_dir,
         embedded_label_by=args.embedded_label_by,
     )
-    loader = build_dataloader(data, args.batch_size, drop_last=False)
+    loader = torch.utils.data.DataLoader(data.dataset, batch_size=args.batch_size, shuffle=False)  # dataset order
     total = None if data.streaming else len(data.dataset)
     if args.num_images is not None:
         total = args.num_images if total is None else min(total, args.num_images)

@@ -78,7 +78,8 @@ def load_pipeline(pretrained: str, dtype: torch.dtype) -> RepaEPipeline:
     if any((folder / "transformer").glob("*.safetensors")) or any((folder / "transformer").glob("*.bin")):
         return RepaEPipeline.from_pretrained(folder, dtype=dtype)
     print(f"WARNING: {folder} has no weights: sampling a RANDOM model (a smoke test, not a result).", file=sys.stderr)
-    return RepaEPipeline.from_recipe(folder).to(dtype=dtype)
+    pipe = RepaEPipeline.from_recipe(folder)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,63 @@
+"""Pack a dataset (ADM centre crop at --resolution) into an ADM-style reference ``.npz`` for training/evaluate.py.
+
+    python training/dataset_to_npz.py --resolution 64 --output reference/openmoji64.npz          # embedded OpenMoji
+    python training/dataset_to_npz.py --dataset_name ILSVRC/imagenet-1k --split validation --resolution 256 \
+        --output reference/imagenet256_val.npz
+
+``arr_0`` holds uint8 [N, H, W, 3] images and ``arr_1`` their labels, in dataset order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from diffusers_repae.evaluation import save_npz
+from diffusers_repae.training.data import add_data_args, load_training_dataset
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(parser)
+    parser.add_argument("--split", default="train", help="Dataset split (e.g. 'validation').")
+    parser.add_argument("--num_images", type=int, default=None, help="Keep only the first N images.")
+    parser.add_argument("--batch_size", type=int, default=64, help="Images per loader batch.")
+    parser.add_argument("--output", required=True, help="Path of the .npz to write.")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    data = load_training_dataset(
+        dataset_name=args.dataset_name,
+        train_data_dir=args.train_data_dir,
+        dataset_config_name=args.dataset_config_name,
+        streaming=args.streaming,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        resolution=args.resolution,
+        split=args.split,
+        cache_dir=args.cache_dir,
+        embedded_label_by=args.embedded_label_by,
+    )
+    loader = torch.utils.data.DataLoader(data.dataset, batch_size=args.batch_size, shuffle=False)  # dataset order
+    total = args.num_images if data.streaming else min(len(data.dataset), args.num_images or len(data.dataset))
+    images, labels = [], []
+    with tqdm(total=total, desc="images", unit="img") as bar:
+        for batch in itertools.islice(loader, None if total is None else -(-total // args.batch_size)):
+            images.append(batch["pixel_values"].permute(0, 2, 3, 1).numpy())
+            labels.append(batch["labels"].numpy())
+            bar.update(len(images[-1]))
+    images, labels = np.concatenate(images)[:total], np.concatenate(labels)[:total]
+    path = save_npz(args.output, images, labels)
+    print(f"wrote {path}: {images.shape[0]} images {images.shape[1:]} from {data.source}")
+    if data.attribution:
+        print(f"attribution: {data.attribution}")
+
+
+if __name__ == "__main__":
+    main()
