@@ -322,3 +322,43 @@ def test_two_processes(tiny_setup, tmp_path):
     # per-process batch 2: each process saw its own shard, and the synchronised BN counted one batch per step
     bn = torch.load(out / "checkpoint-2" / "custom_checkpoint_0.pkl", weights_only=True)
     assert bn["num_batches_tracked"].item() == 2
+
+
+class _ExplodingState:
+    """A registered object whose state cannot be saved: a crash in the middle of ``save_state``."""
+
+    def state_dict(self):
+        raise OSError("disk full")
+
+    def load_state_dict(self, state):
+        pass
+
+
+def test_checkpoint_saving_is_crash_safe_and_rotates(tmp_path):
+    from diffusers_repae.training.checkpointing import (
+        list_checkpoints,
+        remove_incomplete_checkpoints,
+        resolve_resume_checkpoint,
+        save_checkpoint,
+    )
+
+    _reset_accelerate()
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(torch.nn.Linear(2, 2))
+    save_checkpoint(accelerator, tmp_path, 1)
+    save_checkpoint(accelerator, tmp_path, 2, total_limit=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]
+    weights = load_file(tmp_path / "checkpoint-2" / "model.safetensors")
+
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    accelerator.register_for_checkpointing(_ExplodingState())
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(accelerator, tmp_path, 3, total_limit=1)
+    # the previous checkpoint is untouched and 'latest' still finds it; the half-written one is hidden, then removed
+    assert resolve_resume_checkpoint("latest", tmp_path).name == "checkpoint-2"
+    after = load_file(tmp_path / "checkpoint-2" / "model.safetensors")
+    assert all(torch.equal(weights[k], after[k]) for k in weights)
+    assert [p.name for p in remove_incomplete_checkpoints(tmp_path)] == [".checkpoint-3.tmp"]
+    with pytest.raises(ValueError, match="resume_from_checkpoint"):
+        resolve_resume_checkpoint(str(tmp_path / "nope"), tmp_path)

@@ -32,6 +32,7 @@ from diffusers_repae import LatentBatchNorm, RepaEPipeline, build_component, loa
 from diffusers_repae.models.discriminator import PatchGANDiscriminator
 from diffusers_repae.training.checkpointing import (
     LossHistory,
+    PerProcessState,
     ProcessGenerators,
     all_finite,
     checkpoint_step,
@@ -442,7 +443,9 @@ def main(argv: list[str] | None = None) -> Path:
     # Models from the recipe.
     vae = load_starting_vae(args)
     size = latent_size(vae, args.resolution)
-    transformer = build_component(args.recipe, "transformer", num_classes=data.num_classes, sample_size=size)
+    transformer = build_component(
+        args.recipe, "transformer", num_classes=data.num_classes, sample_size=size, class_dropout_prob=args.cfg_prob
+    )
     if transformer.config.in_channels != vae.config.latent_channels:
         raise ValueError(
             f"recipe SiT in_channels {transformer.config.in_channels} != VAE latent_channels "
@@ -504,11 +507,16 @@ def main(argv: list[str] | None = None) -> Path:
     optimizer_sit = adamw(list(transformer.parameters()) + list(projector.parameters()), args.learning_rate)
     if args.compile:
         transformer = torch.compile(transformer)
-    (vae_module, transformer, projector, discriminator, optimizer_vae, optimizer_disc, optimizer_sit, dataloader) = (
+    (vae_module, transformer, projector, discriminator, optimizer_vae, optimizer_disc, optimizer_sit) = (
         accelerator.prepare(
-            vae_module, transformer, projector, discriminator, optimizer_vae, optimizer_disc, optimizer_sit, dataloader
+            vae_module, transformer, projector, discriminator, optimizer_vae, optimizer_disc, optimizer_sit
         )
     )
+    if not data.streaming:
+        dataloader = accelerator.prepare(dataloader)
+    # A streamed dataset is already sharded per process (split_dataset_by_node): accelerate must not re-shard or
+    # dispatch it, so its DataLoader stays unprepared, batches move to the device below, and its exact stream
+    # position is checkpointed per process.
     models = RepaEModels(
         vae=vae_module,
         transformer=transformer,
@@ -526,6 +534,8 @@ def main(argv: list[str] | None = None) -> Path:
     history = LossHistory()
     # The latent BN has no parameters (DDP refuses it), so it is registered like the EMA and the RNG streams.
     accelerator.register_for_checkpointing(latent_norm, models.ema, generators, history)
+    if data.streaming:
+        accelerator.register_for_checkpointing(PerProcessState(accelerator, data.dataset))
     hp = RepaEHyperParameters(
         encoder_depth=args.encoder_depth,
         proj_coeff=args.proj_coeff,
@@ -560,10 +570,11 @@ def main(argv: list[str] | None = None) -> Path:
         f"{args.gradient_accumulation_steps} accumulation; {args.max_train_steps} steps"
     )
 
-    batches_per_epoch = len(dataloader)
     batches_done = global_step * args.gradient_accumulation_steps
-    epoch = batches_done // batches_per_epoch
-    skip = batches_done % batches_per_epoch
+    if data.streaming:  # the restored stream state already sits at the right sample
+        epoch, skip = 0, 0
+    else:
+        epoch, skip = divmod(batches_done, len(dataloader))
     progress = tqdm(
         range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
@@ -571,11 +582,14 @@ def main(argv: list[str] | None = None) -> Path:
     last_checkpoint = resume
     out_of_time = False
     while global_step < args.max_train_steps:
-        dataloader.set_epoch(epoch)
+        if not data.streaming:
+            dataloader.set_epoch(epoch)
         data.dataset.set_epoch(epoch)
         epoch_loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
         skip = 0
         for batch in epoch_loader:
+            if data.streaming:
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             logs = train_step(accelerator, models, hp, batch, generators.generator, global_step)
             if not accelerator.sync_gradients:
                 continue

@@ -117,6 +117,31 @@ class ProcessGenerators:
         self.generator.set_state(states[self.accelerator.process_index].clone())
 
 
+class PerProcessState:
+    """Checkpoints an object whose state differs per process (e.g. a sharded stream's position).
+
+    Like `ProcessGenerators`: the main process saves every process's ``state_dict`` (gathered), each process
+    loads its own.
+    """
+
+    def __init__(self, accelerator: Accelerator, obj):
+        self.accelerator, self.obj = accelerator, obj
+
+    def state_dict(self) -> dict:
+        from accelerate.utils import gather_object
+
+        return {"states": gather_object([self.obj.state_dict()])}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        states = state_dict["states"]
+        if len(states) != self.accelerator.num_processes:
+            raise ValueError(
+                f"the checkpoint holds the state of {len(states)} processes but this run has "
+                f"{self.accelerator.num_processes}; resume with the same number of processes."
+            )
+        self.obj.load_state_dict(states[self.accelerator.process_index])
+
+
 class LossHistory:
     """Per-step logged scalars (main process), checkpointed so the final loss-curve plot covers resumed runs."""
 
@@ -134,7 +159,11 @@ class LossHistory:
 
 
 def all_finite(accelerator: Accelerator, logs: dict[str, torch.Tensor]) -> bool:
-    """True when every loss on every process is finite (one collective, so all processes stop together)."""
-    values = torch.stack([torch.as_tensor(v, dtype=torch.float32).reshape(()) for v in logs.values()])
+    """True when every loss on every process is finite (one collective, so all processes stop together).
+
+    Gradient norms are not checked: with fp16 the gradient scaler legitimately sees inf norms and skips steps.
+    """
+    losses = [v for k, v in logs.items() if not k.startswith("grad_norm/")]
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float32).reshape(()) for v in losses])
     bad = (~torch.isfinite(values)).sum().to(accelerator.device).reshape(1)
     return accelerator.reduce(bad, reduction="sum").item() == 0
