@@ -2,7 +2,7 @@
 image for Euler / Heun / Euler-Maruyama, with and without classifier-free guidance and its interval; and the
 sampling optimisations (skip the unconditional half outside the interval, float32 vs float64 state).
 
-    .venv/bin/python benchmarks/bench_sampling.py [--quick] [--steps 25] [--sample_batch_size 8] [--json out.json]
+    .venv/bin/python benchmarks/bench_sampling.py [--quick] [--steps 10] [--sample_batch_size 4] [--json out.json]
 """
 
 from __future__ import annotations
@@ -243,8 +243,8 @@ def run(args: argparse.Namespace, device: torch.device) -> list[Table]:
 
 
 def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--steps", type=int, default=25, help="Sampler steps N (Heun uses 2N - 1 evaluations).")
-    parser.add_argument("--sample_batch_size", type=int, default=8, help="Images per pipeline call.")
+    parser.add_argument("--steps", type=int, default=10, help="Sampler steps N (Heun uses 2N - 1 evaluations).")
+    parser.add_argument("--sample_batch_size", type=int, default=4, help="Images per pipeline call.")
     return parser
 
 
