@@ -53,6 +53,8 @@ class RepaEHyperParameters:
     weighting: str = "uniform"
     cfg_prob: float = 0.1
     max_grad_norm: float = 1.0
+    # LDM-only training on a frozen VAE: the BN stays in eval mode at the VAE's statistics (no batch statistics).
+    freeze_latent_norm: bool = False
 
 
 @dataclass
@@ -226,9 +228,12 @@ def sit_pass(
     for module in (models.transformer, models.projector):
         module.requires_grad_(True)
         module.train()
-    models.latent_norm.train()
+    models.latent_norm.train(not hp.freeze_latent_norm)
     with torch.no_grad():
-        normalized = latent_norm_train(models.latent_norm, latents.detach().float())
+        if hp.freeze_latent_norm:
+            normalized = models.latent_norm(latents.detach().float())
+        else:
+            normalized = latent_norm_train(models.latent_norm, latents.detach().float())
     x_t, target = noisy_latents_and_target(normalized, noise.noise, noise.t, hp.path_type)
     null_class = accelerator.unwrap_model(models.transformer).config.num_classes
     labels = torch.where(noise.drop_labels, torch.full_like(labels, null_class), labels)
