@@ -348,17 +348,23 @@ def log_validation(args, accelerator, models, data, global_step: int) -> None:
 
 
 def plot_loss_curves(history: LossHistory, path: Path) -> None:
-    """Every logged loss term against the step, one panel per group (vae/, disc/, sit/)."""
+    """Every logged loss term against the step, one panel per group (sit/, vae/, the KL, disc/)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = ("sit", "vae", "disc")
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.5))
+    # the KL (summed over latent elements) dwarfs the other VAE terms: it gets its own panel
+    groups = {
+        "sit": lambda k: k.startswith("sit/"),
+        "vae": lambda k: k.startswith("vae/") and k != "vae/kl",
+        "vae/kl": lambda k: k == "vae/kl",
+        "disc": lambda k: k.startswith("disc/"),
+    }
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.5))
     steps = [r["step"] for r in history.records]
-    for axis, group in zip(axes, groups):
-        keys = sorted({k for r in history.records for k in r if k.startswith(group + "/")})
+    for axis, (group, selected) in zip(axes, groups.items()):
+        keys = sorted({k for r in history.records for k in r if selected(k)})
         for key in keys:
             axis.plot(steps, [r.get(key, float("nan")) for r in history.records], label=key.split("/", 1)[1])
         axis.set_title(group)
