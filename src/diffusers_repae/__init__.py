@@ -2,6 +2,7 @@
 
 from .models import (
     LatentBatchNorm,
+    PatchGANDiscriminator,
     REPAProjector,
     SiTTransformer2DModel,
     SiTTransformer2DModelOutput,
@@ -32,6 +33,7 @@ __all__ = [
     "scheduler_for_sampler",
     "set_repae_timesteps",
     "LatentBatchNorm",
+    "PatchGANDiscriminator",
     "REPAProjector",
     "SiTTransformer2DModel",
     "SiTTransformer2DModelOutput",
