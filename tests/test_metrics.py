@@ -21,6 +21,7 @@ from diffusers_repae.evaluation import (
     inception_score,
     iter_image_batches,
     load_images,
+    load_lpips_vgg,
     manifold_radii,
     metric_names,
     metrics_from_features,
@@ -263,3 +264,23 @@ def test_reconstruction_metrics_on_tiny_vae():
     assert results["PSNR"] == pytest.approx(float((10 * torch.log10(1 / mse)).mean()), rel=1e-9)
     assert results["SSIM"] == pytest.approx(float(ssim(x.double() / 255, recon).mean()), rel=1e-9)
     assert not math.isnan(results["SSIM"])
+
+
+def test_lpips_needs_a_local_vgg_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth"):
+        load_lpips_vgg(tmp_path / "missing.pth")
+
+
+@pytest.mark.slow
+def test_lpips_loads_vgg_weights_from_file(tmp_path):
+    """Writes a 528 MB random VGG16 file, so it is slow: the LPIPS backbone must carry exactly those weights."""
+    from safetensors.torch import save_file
+    from torchvision.models import vgg16
+
+    state = vgg16().state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "vgg16.safetensors")
+    model = load_lpips_vgg(tmp_path / "vgg16.safetensors")
+    torch.testing.assert_close(getattr(model.net.slice1, "0").weight, state["features.0.weight"])
+    torch.testing.assert_close(getattr(model.net.slice5, "28").weight, state["features.28.weight"])
+    x = torch.rand(1, 3, 32, 32)
+    assert float(model(x, x, normalize=True).squeeze()) == pytest.approx(0.0, abs=1e-6)

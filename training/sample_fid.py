@@ -68,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--model_dtype", choices=sorted(DTYPES), default="float32", help="dtype of the transformer and VAE weights."
     )
+    parser.add_argument(
+        "--cpu", action="store_true", help="Run on CPU (several CPU processes via torchrun use the gloo backend)."
+    )
     parser.add_argument("--npz_path", default=None, help="Where to write the .npz (default: in --output_dir).")
     parser.add_argument("--skip_npz", action="store_true", help="Only write PNGs (pack them later by re-running).")
     return parser.parse_args(argv)
@@ -84,7 +87,7 @@ def load_pipeline(pretrained: str, dtype: torch.dtype) -> RepaEPipeline:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    state = PartialState()
+    state = PartialState(cpu=args.cpu)
     pipe = load_pipeline(args.pretrained, DTYPES[args.model_dtype]).to(state.device)
     pipe.set_progress_bar_config(disable=True)
     num_classes = args.num_classes or pipe.transformer.config.num_classes

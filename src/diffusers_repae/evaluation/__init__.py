@@ -20,12 +20,14 @@ from .metrics import (
     ssim,
 )
 from .reconstruction import evaluate_reconstruction, load_lpips_vgg, reconstruct
+from .sampling import collect_npz, missing_indices, run_sampling, sample_generator, sample_labels
 
 __all__ = [
     "FEATURE_EXTRACTORS",
     "EfficientNetLite0FeatureExtractor",
     "InceptionV3FeatureExtractor",
     "build_feature_extractor",
+    "collect_npz",
     "compare_image_sets",
     "count_images",
     "evaluate_reconstruction",
@@ -43,9 +45,13 @@ __all__ = [
     "manifold_radii",
     "metric_names",
     "metrics_from_features",
+    "missing_indices",
     "precision_recall",
     "psnr",
     "reconstruct",
+    "run_sampling",
+    "sample_generator",
+    "sample_labels",
     "save_npz",
     "ssim",
 ]
