@@ -20,6 +20,7 @@ from diffusers_repae.evaluation import (
     frechet_distance_from_features,
     inception_score,
     iter_image_batches,
+    load_features,
     load_images,
     load_lpips_vgg,
     manifold_radii,
@@ -28,6 +29,7 @@ from diffusers_repae.evaluation import (
     precision_recall,
     psnr,
     reconstruct,
+    save_features,
     save_npz,
     ssim,
 )
@@ -284,3 +286,17 @@ def test_lpips_loads_vgg_weights_from_file(tmp_path):
     torch.testing.assert_close(getattr(model.net.slice5, "28").weight, state["features.28.weight"])
     x = torch.rand(1, 3, 32, 32)
     assert float(model(x, x, normalize=True).squeeze()) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_feature_cache_round_trip(tmp_path):
+    extractor = EfficientNetLite0FeatureExtractor()
+    images = np.random.default_rng(9).integers(0, 256, size=(3, 16, 16, 3), dtype=np.uint8)
+    save_npz(tmp_path / "ref.npz", images)
+    features = features_of(extractor, tmp_path / "ref.npz")
+    save_features(tmp_path / "ref_features.npz", features, extractor.name)
+    cached = features_of(extractor, tmp_path / "ref_features.npz")
+    assert set(cached) == set(features)
+    for key in features:
+        np.testing.assert_array_equal(cached[key], features[key])
+    with pytest.raises(ValueError, match="not InceptionV3 features"):
+        load_features(tmp_path / "ref_features.npz", "InceptionV3")

@@ -16,12 +16,22 @@ from pathlib import Path
 
 import torch
 
-from diffusers_repae.evaluation import FEATURE_EXTRACTORS, build_feature_extractor, features_of, metrics_from_features
+from diffusers_repae.evaluation import (
+    FEATURE_EXTRACTORS,
+    build_feature_extractor,
+    features_of,
+    metrics_from_features,
+    save_features,
+)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reference", required=True, help="Reference images: ADM-style .npz (arr_0) or a folder.")
+    parser.add_argument(
+        "--reference",
+        required=True,
+        help="Reference images: ADM-style .npz (arr_0) or a folder, or features cached by --save_reference_features.",
+    )
     parser.add_argument("--samples", required=True, help="Generated images: ADM-style .npz (arr_0) or a folder.")
     parser.add_argument(
         "--feature_extractor",
@@ -41,6 +51,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max_images", type=int, default=None, help="Use only the first N images of each set.")
     parser.add_argument("--k", type=int, default=3, help="Neighbourhood size of the precision/recall manifolds.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device.")
+    parser.add_argument(
+        "--save_reference_features",
+        default=None,
+        help="Cache the reference features here (.npz); pass that file as --reference next time to skip extraction.",
+    )
     parser.add_argument("--output_json", default=None, help="Also write the metrics to this JSON file.")
     return parser.parse_args()
 
@@ -50,6 +65,8 @@ def main() -> None:
     weights = args.inception_weights if args.feature_extractor == "inception-v3" else None
     extractor = build_feature_extractor(args.feature_extractor, weights, allow_download=args.allow_download)
     reference = features_of(extractor, args.reference, args.batch_size, args.device, args.max_images)
+    if args.save_reference_features:
+        save_features(args.save_reference_features, reference, extractor.name)
     samples = features_of(extractor, args.samples, args.batch_size, args.device, args.max_images)
     results = metrics_from_features(reference, samples, extractor.name, k=args.k, device=args.device)
 

@@ -7,7 +7,14 @@ from .features import (
     build_feature_extractor,
     extract_features,
 )
-from .generation import compare_image_sets, features_of, metric_names, metrics_from_features
+from .generation import (
+    compare_image_sets,
+    features_of,
+    load_features,
+    metric_names,
+    metrics_from_features,
+    save_features,
+)
 from .image_io import count_images, folder_to_npz, iter_image_batches, list_image_files, load_images, save_npz
 from .metrics import (
     feature_statistics,
@@ -40,6 +47,7 @@ __all__ = [
     "inception_score",
     "iter_image_batches",
     "list_image_files",
+    "load_features",
     "load_images",
     "load_lpips_vgg",
     "manifold_radii",
@@ -52,6 +60,7 @@ __all__ = [
     "run_sampling",
     "sample_generator",
     "sample_labels",
+    "save_features",
     "save_npz",
     "ssim",
 ]

@@ -46,6 +46,32 @@ def metrics_from_features(
     return results
 
 
+def save_features(path: str | Path, features: dict[str, np.ndarray], extractor_name: str) -> Path:
+    """Cache features (e.g. of a reference batch) as ``.npz`` with the extractor's name, to skip re-extraction."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, extractor=np.array(extractor_name), **features)
+    return path
+
+
+def load_features(path: str | Path, extractor_name: str) -> dict[str, np.ndarray]:
+    """Features cached by `save_features`; refuses features of another network."""
+    with np.load(path) as data:
+        cached = str(data["extractor"]) if "extractor" in data else None
+        if cached != extractor_name:
+            raise ValueError(f"{path} holds {cached} features, not {extractor_name} features.")
+        return {key: data[key] for key in data.files if key != "extractor"}
+
+
+def is_features_file(path: str | Path) -> bool:
+    """True for an ``.npz`` written by `save_features` (it has ``pool`` features instead of ``arr_0`` images)."""
+    path = Path(path)
+    if path.suffix != ".npz" or not path.is_file():
+        return False
+    with np.load(path) as data:
+        return "pool" in data.files and "extractor" in data.files
+
+
 def features_of(
     extractor: nn.Module,
     source: str | Path,
@@ -53,7 +79,9 @@ def features_of(
     device: str | torch.device = "cpu",
     max_images: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Features of every image in an ``.npz`` or folder."""
+    """Features of every image in an ``.npz`` or folder, or the cached features in a `save_features` file."""
+    if is_features_file(source):
+        return {key: value[:max_images] for key, value in load_features(source, extractor.name).items()}
     total = count_images(source) if max_images is None else min(max_images, count_images(source))
     batches = iter_image_batches(source, batch_size, max_images)
     return extract_features(extractor, batches, device=device, total=total, desc=f"features {Path(source).name}")
