@@ -116,6 +116,7 @@ def test_work_split_and_labels():
     assert (counts == 50).all()
     random_labels = sample_labels(1000, 10, "random", seed=5)
     np.testing.assert_array_equal(random_labels, sample_labels(1000, 10, "random", seed=5))
+    np.testing.assert_array_equal(random_labels[:300], sample_labels(300, 10, "random", seed=5))  # runs can grow
     assert random_labels.min() >= 0 and random_labels.max() <= 9 and len(np.unique(random_labels)) == 10
     with pytest.raises(ValueError, match="unknown"):
         sample_labels(10, 2, "sorted")
