@@ -6,8 +6,10 @@
 
 Every sample depends only on its global index and ``--seed`` (label and all its noise), so the result is the same
 for any number of processes or batch size. Re-running the same command after an interruption makes only the
-missing PNGs. At the end the main process packs ``images/*.png`` into ``samples_NxHxWx3.npz`` (``arr_0`` uint8
-images, ``arr_1`` labels) for ``training/evaluate.py`` or ADM's evaluator.
+missing PNGs; raising ``--num_samples`` extends a finished run (labels and noise of existing indices stay the
+same). Other settings are recorded in ``sampling_config.json`` and a mismatch is refused. At the end the main
+process packs ``images/*.png`` into ``samples_NxHxWx3.npz`` (``arr_0`` uint8 images, ``arr_1`` labels) for
+``training/evaluate.py`` or ADM's evaluator. On CPU, ``torchrun --nproc_per_node 2 ... --cpu`` runs 2 processes.
 """
 
 from __future__ import annotations
