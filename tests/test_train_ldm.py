@@ -137,3 +137,55 @@ def test_frozen_norm_normalises_with_the_vae_statistics():
     mean = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 4, 1, 1)
     var = torch.tensor([4.0, 4.0, 16.0, 0.25]).view(1, 4, 1, 1)
     torch.testing.assert_close(norm(z), (z - mean) / torch.sqrt(var + 1e-4))  # the original's BN, eps included
+
+
+def run_train_ldm(*argv: str) -> Path:
+    common = ["--resolution", "64", "--enc_type", "efficientnet-lite0", "--train_batch_size", "4",
+              "--mixed_precision", "no", "--report_to", "none", "--dataloader_num_workers", "0",
+              "--validation_steps", "0", "--checkpointing_steps", "2"]  # fmt: skip
+    return load_script("train_ldm").main([*argv, *common])
+
+
+def test_cli_trains_from_cache_then_lora_adds_classes(tmp_path):
+    """Recipe + frozen VAE + latent cache -> pipeline; then LoRA with new classes on that pipeline."""
+    from diffusers_repae import RepaEPipeline, build_component
+    from diffusers_repae.training.lora import load_sit_lora
+
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        folder = tmp_path / "images" / f"shape{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    torch.manual_seed(0)
+    build_component("tiny-cpu", "vae", latents_mean=[0.1] * 4, latents_std=[0.8] * 4).save_pretrained(tmp_path / "vae")
+    load_script("cache_latents").main(
+        ["--vae", str(tmp_path / "vae"), "--train_data_dir", str(tmp_path / "images"), "--resolution", "64",
+         "--output_dir", str(tmp_path / "cache"), "--batch_size", "8"]
+    )  # fmt: skip
+
+    base = run_train_ldm(
+        "--recipe", "tiny-cpu", "--vae", str(tmp_path / "vae"), "--train_data_dir", str(tmp_path / "images"),
+        "--latents_dir", str(tmp_path / "cache"), "--max_train_steps", "2", "--output_dir", str(tmp_path / "base"),
+    )  # fmt: skip
+    pipe = RepaEPipeline.from_pretrained(base)
+    assert pipe.vae.config.latents_std == [0.8] * 4  # the frozen VAE's statistics, unchanged
+    assert (base / "loss_curves.png").is_file() and (base / "checkpoint-2").is_dir()
+    latents = pipe(class_labels=["shape1"], num_inference_steps=2, output_type="latent").images
+    assert latents.shape == (1, 4, 16, 16) and torch.isfinite(latents).all()
+
+    lora = run_train_ldm(
+        "--pretrained_model_name_or_path", str(base), "--train_data_dir", str(tmp_path / "images"), "--new_classes",
+        "--lora_rank", "4", "--ema_decay", "0", "--learning_rate", "1e-2", "--max_train_steps", "2",
+        "--output_dir", str(tmp_path / "lora"),
+    )  # fmt: skip
+    tuned = RepaEPipeline.from_pretrained(base)
+    before = {k: v.clone() for k, v in tuned.transformer.state_dict().items()}
+    id2label = load_sit_lora(tuned.transformer, lora / "lora")
+    assert tuned.transformer.config.num_classes == 4 and id2label[2] == "shape0" and id2label[1] == "shape1"
+    table = tuned.transformer.class_embedding.weight
+    assert torch.equal(table[:2], before["class_embedding.weight"][:2])  # old classes kept
+    assert torch.equal(table[4], before["class_embedding.weight"][2])  # null row kept, moved to the end
+    lora_b = [p for n, p in tuned.transformer.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # the adapter trained
+    out = tuned(class_labels=[3], num_inference_steps=2, output_type="latent").images
+    assert out.shape == (1, 4, 16, 16) and torch.isfinite(out).all()

@@ -1,0 +1,339 @@
+"""What train_repae.py and train_ldm.py share: their common flags, the step loop, validation grids and export.
+
+The scripts stay linear (diffusers-examples style); this module holds the pieces that would otherwise be
+copied between them. Nothing here reads ``sys.argv``: the flag helpers only add arguments to a parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from ..models.latent_norm import LatentBatchNorm
+from ..recipes import resolve_recipe
+from .checkpointing import LossHistory, all_finite, save_checkpoint
+from .data import TrainingData
+from .losses import PATH_TYPES, WEIGHTINGS
+
+logger = logging.getLogger(__name__)
+
+# RepaEPipeline's registered sampling settings, as recipes' model_index.json stores them.
+SAMPLING_DEFAULT_KEYS = ("default_num_inference_steps", "default_guidance_scale", "default_guidance_interval")
+
+
+def add_sit_training_args(parser: argparse.ArgumentParser, tracker_project_name: str) -> argparse.ArgumentParser:
+    """Flags of the SiT side of training (encoders, REPA objective, optimisation, checkpoints, logging).
+
+    Defaults are the original's (SPEC sections 6-7).
+    """
+    enc = parser.add_argument_group("vision encoders and REPA")
+    enc.add_argument(
+        "--enc_type",
+        type=str,
+        default="dinov2-vit-b",
+        help="Vision encoder(s) to align with, comma separated (e.g. dinov2-vit-b, efficientnet-lite0).",
+    )
+    enc.add_argument(
+        "--encoder_paths",
+        type=str,
+        nargs="*",
+        default=None,
+        help="Local encoder folders instead of the Hub, as NAME=PATH (e.g. dinov2-vit-b=/models/dinov2-base).",
+    )
+    enc.add_argument(
+        "--encoder_depth",
+        type=int,
+        default=None,
+        help="SiT block (1-based) whose tokens are aligned. Default: the recipe's projector config (8 for XL).",
+    )
+    enc.add_argument(
+        "--projector_dim", type=int, default=None, help="Hidden width of the projector MLP (default: recipe, 2048)."
+    )
+    enc.add_argument("--proj_coeff", type=float, default=0.5, help="Alignment weight in the SiT loss.")
+    enc.add_argument("--cfg_prob", type=float, default=0.1, help="Probability of dropping a label to null.")
+    enc.add_argument("--path_type", type=str, default="linear", choices=PATH_TYPES, help="Interpolant path.")
+    enc.add_argument("--prediction", type=str, default="v", choices=["v"], help="Prediction target (v only).")
+    enc.add_argument(
+        "--weighting", type=str, default="uniform", choices=WEIGHTINGS, help="Training time distribution."
+    )
+
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--output_dir", type=str, default="repae-output", help="Checkpoints, logs and the pipeline.")
+    opt.add_argument("--seed", type=int, default=0, help="Seed (model init, data order; +rank for step noise).")
+    opt.add_argument(
+        "--train_batch_size",
+        type=int,
+        default=256,
+        help="GLOBAL batch size per optimizer step (as the original): split over processes and accumulation.",
+    )
+    opt.add_argument("--max_train_steps", type=int, default=400_000, help="Optimizer steps to train for.")
+    opt.add_argument(
+        "--max_train_minutes",
+        type=float,
+        default=None,
+        help="Also stop (checkpoint and export) once training has run this many minutes: for demos on slow "
+        "hardware. Off by default.",
+    )
+    opt.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
+    opt.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate of the SiT.")
+    opt.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1 (every optimiser).")
+    opt.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2 (every optimiser).")
+    opt.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay (every optimiser).")
+    opt.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon (every optimiser).")
+    opt.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (each model).")
+    opt.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay of the SiT and BN statistics.")
+    opt.add_argument(
+        "--mixed_precision",
+        type=str,
+        default="fp16",
+        choices=["no", "fp16", "bf16"],
+        help="Autocast precision (the original: fp16). The alignment cosine and the VAE losses stay fp32. Use "
+        "'no' on CPU.",
+    )
+    opt.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls/convolutions on Ampere+.")
+    opt.add_argument("--compile", action="store_true", help="torch.compile the SiT.")
+    opt.add_argument(
+        "--dataloader_num_workers", type=int, default=4, help="DataLoader worker processes (0: main process)."
+    )
+
+    log = parser.add_argument_group("checkpoints, logging, validation")
+    log.add_argument("--checkpointing_steps", type=int, default=50_000, help="Save a checkpoint every N steps.")
+    log.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    log.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help="A checkpoint-N folder, or 'latest' for the newest in --output_dir (starts fresh if none).",
+    )
+    log.add_argument(
+        "--report_to",
+        type=str,
+        default="tensorboard",
+        choices=["tensorboard", "wandb", "none"],
+        help="Experiment tracker.",
+    )
+    log.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder inside --output_dir.")
+    log.add_argument("--tracker_project_name", type=str, default=tracker_project_name, help="Tracker project name.")
+    log.add_argument(
+        "--validation_steps", type=int, default=10_000, help="Sample a validation grid from the EMA every N steps."
+    )
+    log.add_argument(
+        "--num_validation_classes", type=int, default=16, help="Classes in the validation grid (one image each)."
+    )
+    log.add_argument(
+        "--validation_inference_steps", type=int, default=None, help="Sampler steps (default: the recipe's)."
+    )
+    log.add_argument(
+        "--validation_guidance_scale", type=float, default=None, help="CFG scale for validation (default: recipe)."
+    )
+    return parser
+
+
+def check_sit_training_args(args: argparse.Namespace) -> None:
+    """Bad values of the shared flags, each a ValueError naming the flag, the value and what is allowed."""
+    for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise ValueError(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}.")
+    if not 0.0 <= args.ema_decay <= 1.0:
+        raise ValueError(f"--ema_decay must be in [0, 1], got {args.ema_decay}.")
+    if not 0.0 <= args.cfg_prob < 1.0:
+        raise ValueError(f"--cfg_prob must be in [0, 1), got {args.cfg_prob}.")
+
+
+def per_process_batch_size(args: argparse.Namespace, accelerator: Accelerator) -> int:
+    """The global ``--train_batch_size`` split over processes and accumulation steps (it must divide evenly)."""
+    parts = accelerator.num_processes * args.gradient_accumulation_steps
+    if args.train_batch_size % parts:
+        raise ValueError(
+            f"--train_batch_size {args.train_batch_size} must be divisible by processes x accumulation steps "
+            f"({accelerator.num_processes} x {args.gradient_accumulation_steps})."
+        )
+    return args.train_batch_size // parts
+
+
+def parse_encoder_paths(items: list[str] | None) -> dict[str, str]:
+    """``--encoder_paths NAME=PATH ...`` -> ``{NAME: PATH}``."""
+    paths = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--encoder_paths entries must look like NAME=PATH, got {item!r}.")
+        paths[name] = path
+    return paths
+
+
+def latent_size(vae, resolution: int) -> int:
+    """Side of the VAE latent for square images of ``resolution`` px."""
+    return resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def vae_with_stats(vae, norm: torch.nn.Module):
+    """Writes a (EMA) latent BatchNorm's statistics into the VAE config (``latents_mean``, ``latents_std``)."""
+    exported = LatentBatchNorm(norm.num_features)
+    exported.load_state_dict(norm.state_dict())
+    mean, std = exported.to_latents_stats()
+    vae.register_to_config(latents_mean=mean, latents_std=std, scaling_factor=1.0)
+    return vae
+
+
+def recipe_sampling_defaults(recipe: str | Path) -> dict:
+    """The recipe's recommended sampling settings, as ``RepaEPipeline`` keyword arguments."""
+    index = json.loads((resolve_recipe(recipe) / "model_index.json").read_text())
+    return {key: index[key] for key in SAMPLING_DEFAULT_KEYS if key in index}
+
+
+@torch.no_grad()
+def sample_grid(pipeline, class_ids: list[int], seed: int, num_inference_steps=None, guidance_scale=None):
+    """One image per class from a fixed seed, as a float ``[N, H, W, 3]`` array in [0, 1]."""
+    pipeline.set_progress_bar_config(disable=True)
+    kwargs = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
+    kwargs = {key: value for key, value in kwargs.items() if value is not None}
+    generator = torch.Generator().manual_seed(seed)
+    return pipeline(class_labels=class_ids, generator=generator, output_type="np", **kwargs).images
+
+
+def grid_image(images: np.ndarray, columns: int = 8):
+    """``[N, H, W, 3]`` in [0, 1] -> one PIL image, ``columns`` wide."""
+    from PIL import Image
+
+    n, h, w, _ = images.shape
+    columns = min(columns, n)
+    rows = math.ceil(n / columns)
+    canvas = np.ones((rows * h, columns * w, 3), dtype=np.float32)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        canvas[r * h : (r + 1) * h, c * w : (c + 1) * w] = image
+    return Image.fromarray((canvas * 255).clip(0, 255).astype(np.uint8))
+
+
+def log_validation(args, accelerator: Accelerator, pipeline, data: TrainingData, global_step: int) -> None:
+    """Sample a grid with ``pipeline`` (the EMA model); save it as a PNG and send it to the trackers."""
+    class_ids = list(range(min(args.num_validation_classes, data.num_classes)))
+    images = sample_grid(
+        pipeline, class_ids, args.seed, args.validation_inference_steps, args.validation_guidance_scale
+    )
+    folder = Path(args.output_dir) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    grid_image(images).save(folder / f"step-{global_step:07d}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.stack(images), global_step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log(
+                {"validation": [wandb.Image(img, caption=data.id2label[i]) for i, img in zip(class_ids, images)]}
+            )
+
+
+def plot_loss_curves(history: LossHistory, path: Path, groups: tuple[str, ...] = ("sit", "vae", "disc")) -> None:
+    """Every logged loss term against the step, one panel per group (``sit/``, ``vae/``, ...)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [g for g in groups if any(k.startswith(g + "/") for r in history.records for k in r)]
+    fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 3.5), squeeze=False)
+    steps = [r["step"] for r in history.records]
+    for axis, group in zip(axes[0], present):
+        keys = sorted({k for r in history.records for k in r if k.startswith(group + "/")})
+        for key in keys:
+            axis.plot(steps, [r.get(key, float("nan")) for r in history.records], label=key.split("/", 1)[1])
+        axis.set_title(group)
+        axis.set_xlabel("step")
+        axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_training_loop(
+    args,
+    accelerator: Accelerator,
+    data: TrainingData,
+    dataloader,
+    step_fn: Callable[[dict, int], dict[str, torch.Tensor]],
+    optimizers: dict[str, torch.optim.Optimizer],
+    history: LossHistory,
+    global_step: int,
+    last_checkpoint: Path | None,
+    validate: Callable[[int], None] | None = None,
+    postfix_keys: tuple[str, ...] = ("sit/loss",),
+) -> int:
+    """Steps until ``--max_train_steps`` (or ``--max_train_minutes``), with exact-resume data order, logging,
+    checkpoints and validation; returns the final step.
+
+    ``step_fn(batch, global_step)`` runs one (micro-)step and returns its loss terms. A non-finite loss on any
+    process stops every process with a message naming the last good checkpoint.
+    """
+    output_dir = Path(args.output_dir)
+    batches_done = global_step * args.gradient_accumulation_steps
+    if data.streaming:  # the restored stream state already sits at the right sample
+        epoch, skip = 0, 0
+    else:
+        epoch, skip = divmod(batches_done, len(dataloader))
+    progress = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
+    )
+    step_start = train_start = time.perf_counter()
+    out_of_time = False
+    while global_step < args.max_train_steps and not out_of_time:
+        if not data.streaming:
+            dataloader.set_epoch(epoch)
+        data.dataset.set_epoch(epoch)
+        epoch_loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+        skip = 0
+        for batch in epoch_loader:
+            if data.streaming:
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            logs = step_fn(batch, global_step)
+            if not accelerator.sync_gradients:
+                continue
+            if not all_finite(accelerator, logs):
+                bad = {k: float(v) for k, v in logs.items() if not math.isfinite(float(v))}
+                raise RuntimeError(
+                    f"non-finite loss at step {global_step + 1}: {bad}. Stopping; the last good checkpoint is "
+                    f"{last_checkpoint or 'none (no checkpoint saved yet)'}. Try a lower learning rate, bf16 "
+                    "instead of fp16, or resume from that checkpoint."
+                )
+            global_step += 1
+            progress.update(1)
+            elapsed = time.perf_counter() - step_start
+            step_start = time.perf_counter()
+            scalars = {k: accelerator.reduce(v.to(accelerator.device), "mean").item() for k, v in logs.items()}
+            scalars.update({f"lr/{name}": opt.param_groups[0]["lr"] for name, opt in optimizers.items()})
+            scalars["throughput/images_per_s"] = args.train_batch_size / max(elapsed, 1e-9)
+            if accelerator.is_main_process:
+                history.append(global_step, scalars)
+            accelerator.log(scalars, step=global_step)
+            progress.set_postfix({k.split("/")[0]: f"{scalars[k]:.4f}" for k in postfix_keys if k in scalars})
+
+            if args.max_train_minutes is not None:  # every process must agree to stop at the same step
+                late = torch.tensor([time.perf_counter() - train_start > 60 * args.max_train_minutes], dtype=torch.int)
+                out_of_time = accelerator.reduce(late.to(accelerator.device), "max").item() > 0
+                if out_of_time:
+                    logger.info(f"--max_train_minutes {args.max_train_minutes} reached at step {global_step}")
+            final_step = global_step == args.max_train_steps or out_of_time
+            if global_step % args.checkpointing_steps == 0 or final_step:
+                last_checkpoint = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+                logger.info(f"saved {last_checkpoint}")
+            if validate and args.validation_steps and global_step % args.validation_steps == 0:
+                if accelerator.is_main_process:
+                    validate(global_step)
+            if final_step:
+                break
+        epoch += 1
+    return global_step

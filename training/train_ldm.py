@@ -1,0 +1,412 @@
+#!/usr/bin/env python
+"""SiT + REPA on a frozen VAE (REPA's recipe; REPA-E's second stage), from cached latents or on the fly.
+
+    # stage 2 of REPA-E: a SiT on the frozen end-to-end tuned VAE, from cached latents
+    accelerate launch training/train_ldm.py --recipe sit-xl-1-e2e-vavae-ldm --vae e2e-vavae-hf \
+        --latents_dir latents-in1k-256 --dataset_name ILSVRC/imagenet-1k --output_dir sit-xl-1-ldm
+
+    # adapt a pretrained pipeline to your own images with LoRA, its classes added to the label table
+    accelerate launch training/train_ldm.py --pretrained_model_name_or_path repae-pipeline \
+        --train_data_dir ./my_images --new_classes --lora_rank 16 --output_dir my-lora
+
+The VAE never trains: latents are normalised by its config statistics (``latents_mean``/``latents_std``, or
+``shift_factor``/``scaling_factor``) through a latent BatchNorm kept in eval mode, as the original
+``train_ldm_only.py`` does. Loss: ``mean((v_hat - v)^2) + proj_coeff * alignment``. The vision encoders always
+see the images, computed on the fly (see ``benchmarks/`` for what the latent cache saves).
+
+Fine-tuning a pretrained pipeline: ``--lora_rank R`` trains LoRA adapters on every Linear inside the SiT blocks
+(``qkv``, ``attn.proj``, ``fc1``, ``fc2``, ``adaln_modulation``; choose with ``--lora_target_modules``) and the
+rows of new classes (``--new_classes``); the rest stays frozen. Without ``--lora_rank`` the whole SiT is
+fine-tuned (the documented full fine-tune alternative). Adapters are saved in the diffusers/peft layout under
+``OUTPUT_DIR/lora`` and load with ``diffusers_repae.training.lora.load_sit_lora(pipe.transformer, path)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL
+
+from diffusers_repae import LatentBatchNorm, RepaEPipeline, REPAProjector, SiTTransformer2DModel, build_component
+from diffusers_repae.recipes import load_component_config
+from diffusers_repae.training.checkpointing import (
+    LossHistory,
+    PerProcessState,
+    ProcessGenerators,
+    checkpoint_step,
+    remove_incomplete_checkpoints,
+    resolve_resume_checkpoint,
+)
+from diffusers_repae.training.data import add_data_args, build_dataloader, training_data_from_args
+from diffusers_repae.training.ema import ModelEMA
+from diffusers_repae.training.encoders import load_vision_encoders
+from diffusers_repae.training.latent_cache import load_latent_cache
+from diffusers_repae.training.ldm_step import CachedLatentsWithImages, ldm_train_step
+from diffusers_repae.training.lora import DEFAULT_LORA_TARGETS, add_sit_lora, grow_class_table, save_sit_lora
+from diffusers_repae.training.repae_step import RepaEHyperParameters, RepaEModels, ema_target
+from diffusers_repae.training.trainer import (
+    SAMPLING_DEFAULT_KEYS,
+    add_sit_training_args,
+    check_sit_training_args,
+    latent_size,
+    log_validation,
+    parse_encoder_paths,
+    per_process_batch_size,
+    plot_loss_curves,
+    recipe_sampling_defaults,
+    run_training_loop,
+)
+
+logger = get_logger(__name__, log_level="INFO")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="SiT + REPA on a frozen VAE (LDM-only training, fine-tuning and LoRA).",
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    models = parser.add_argument_group("models")
+    models.add_argument(
+        "--recipe",
+        type=str,
+        default="sit-xl-1-e2e-vavae-ldm",
+        help="Recipe (pipelines/ name or folder) for a SiT trained from scratch: transformer, projector and "
+        "scheduler configs. Ignored with --pretrained_model_name_or_path.",
+    )
+    models.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default=None,
+        help="A RepaEPipeline folder (or Hub id) to fine-tune: its SiT, VAE and scheduler (and projector/ when "
+        "present) are the starting point.",
+    )
+    models.add_argument(
+        "--vae",
+        type=str,
+        default=None,
+        help="The frozen VAE: an AutoencoderKL folder or a pipeline folder with vae/ (required when training from a "
+        "recipe). Its config statistics normalise the latents.",
+    )
+    models.add_argument(
+        "--latents_dir",
+        type=str,
+        default=None,
+        help="A cache written by cache_latents.py (posterior mean/std per image). Without it the VAE encodes every "
+        "batch. The data flags must name the same images (the encoder needs them).",
+    )
+    lora = parser.add_argument_group("fine-tuning")
+    lora.add_argument(
+        "--lora_rank", type=int, default=0, help="LoRA rank; 0 (default) trains every SiT weight (full fine-tune)."
+    )
+    lora.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank, scale 1).")
+    lora.add_argument(
+        "--lora_target_modules",
+        type=str,
+        default=",".join(DEFAULT_LORA_TARGETS),
+        help="Comma-separated module names that get adapters (default: every Linear inside the SiT blocks).",
+    )
+    lora.add_argument(
+        "--new_classes",
+        action="store_true",
+        help="The dataset's classes are new: append them to the pretrained label table (ids num_classes + label) "
+        "and train their rows; old rows stay as they were. Without it labels must be existing class ids.",
+    )
+    add_sit_training_args(parser, tracker_project_name="train_ldm")
+    add_data_args(parser)
+    args = parser.parse_args(argv)
+    check_sit_training_args(args)
+    if args.pretrained_model_name_or_path is None and args.vae is None:
+        raise ValueError("--vae is required when training from a recipe (no --pretrained_model_name_or_path).")
+    if args.lora_rank < 0:
+        raise ValueError(f"--lora_rank must be >= 0, got {args.lora_rank}.")
+    if args.lora_rank and args.pretrained_model_name_or_path is None:
+        raise ValueError("--lora_rank needs a pretrained SiT: pass --pretrained_model_name_or_path.")
+    if args.new_classes and args.pretrained_model_name_or_path is None:
+        raise ValueError("--new_classes extends a pretrained label table: pass --pretrained_model_name_or_path.")
+    return args
+
+
+def load_frozen_vae(args: argparse.Namespace) -> AutoencoderKL:
+    """``--vae`` (AutoencoderKL or pipeline folder), else the pretrained pipeline's VAE; frozen, eval mode."""
+    source = args.vae or args.pretrained_model_name_or_path
+    path = Path(source)
+    subfolder = "vae" if (path / "vae" / "config.json").is_file() or args.vae is None else None
+    vae = AutoencoderKL.from_pretrained(source, subfolder=subfolder)
+    return vae.eval().requires_grad_(False)
+
+
+def frozen_latent_norm(vae: AutoencoderKL) -> LatentBatchNorm:
+    """An eval-mode BN holding the VAE's statistics; ``shift_factor``/``scaling_factor`` VAEs map to mean/std."""
+    config = vae.config
+    if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+        return LatentBatchNorm.from_vae_config(config).eval()
+    channels = config.latent_channels
+    shift = float(getattr(config, "shift_factor", None) or 0.0)
+    std = 1.0 / float(getattr(config, "scaling_factor", None) or 1.0)
+    logger.warning(f"the VAE has no latents_mean/latents_std: normalising with shift {shift} and std {std:.5f}")
+    return LatentBatchNorm(channels).load_latents_stats([shift] * channels, [std] * channels).eval()
+
+
+def load_transformer(args: argparse.Namespace, vae: AutoencoderKL, data) -> tuple[SiTTransformer2DModel, int]:
+    """The SiT (pretrained or from the recipe) and the id offset of the dataset's labels."""
+    if args.pretrained_model_name_or_path is None:
+        size = latent_size(vae, args.resolution)
+        sit = build_component(
+            args.recipe, "transformer", num_classes=data.num_classes, sample_size=size,
+            class_dropout_prob=args.cfg_prob,
+        )  # fmt: skip
+        return sit, 0
+    sit = SiTTransformer2DModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="transformer")
+    offset = sit.config.num_classes if args.new_classes else 0
+    if not args.new_classes and data.num_classes > sit.config.num_classes:
+        raise ValueError(
+            f"the dataset has {data.num_classes} classes but the pretrained SiT knows {sit.config.num_classes}; "
+            "pass --new_classes to add them."
+        )
+    return sit, offset
+
+
+def load_projector(args: argparse.Namespace, sit: SiTTransformer2DModel, encoders) -> REPAProjector:
+    """The pretrained pipeline's projector when it matches the encoders, else a fresh one from the recipe."""
+    z_dims = [encoder.z_dim for encoder in encoders]
+    if args.pretrained_model_name_or_path is not None:
+        folder = Path(args.pretrained_model_name_or_path) / "projector"
+        if (folder / "config.json").is_file():
+            projector = REPAProjector.from_pretrained(folder)
+            if list(projector.config.z_dims) == z_dims:
+                args.encoder_depth = args.encoder_depth or projector.config.encoder_depth
+                return projector
+            logger.warning(f"pretrained projector expects z_dims {projector.config.z_dims}, not {z_dims}: new one")
+    recipe_depth = load_component_config(args.recipe, "projector")["encoder_depth"]
+    args.encoder_depth = min(args.encoder_depth or recipe_depth, sit.config.num_layers)
+    overrides = {"projector_dim": args.projector_dim} if args.projector_dim else {}
+    return build_component(
+        args.recipe, "projector", hidden_size=sit.config.hidden_size, z_dims=z_dims,
+        encoder_depth=args.encoder_depth, **overrides,
+    )  # fmt: skip
+
+
+def training_dataset(args: argparse.Namespace, data):
+    """Image batches for on-the-fly encoding, or cached latent rows joined with their images."""
+    if args.latents_dir is None:
+        return data.dataset
+    if data.streaming:
+        raise ValueError("--latents_dir needs random access to the images: drop --streaming.")
+    latents, info = load_latent_cache(args.latents_dir)
+    if info.resolution != args.resolution:
+        raise ValueError(f"--latents_dir was cached at {info.resolution} px but --resolution is {args.resolution}.")
+    if info.num_items != len(data.dataset):
+        raise ValueError(
+            f"--latents_dir holds {info.num_items} images but the data flags give {len(data.dataset)}: name the "
+            f"dataset the cache was made from ({info.source})."
+        )
+    return CachedLatentsWithImages(latents, data.dataset)
+
+
+def export_pipeline(args, accelerator, models: RepaEModels, vae, scheduler, id2label, settings) -> RepaEPipeline:
+    """RepaEPipeline from the EMA SiT and the frozen VAE (whose config statistics it samples with)."""
+    return RepaEPipeline(
+        transformer=models.ema.model["transformer"],
+        vae=vae,
+        scheduler=scheduler,
+        id2label={str(k): v for k, v in id2label.items()},
+        **settings,
+    )
+
+
+def model_card(args, data, num_params: dict[str, int], global_step: int) -> str:
+    start = args.pretrained_model_name_or_path or f"recipe `{args.recipe}`"
+    mode = f"LoRA rank {args.lora_rank}" if args.lora_rank else "all SiT weights"
+    latents = f"from the cache {args.latents_dir}" if args.latents_dir else "encoded on the fly"
+    lines = [
+        "---",
+        "library_name: diffusers",
+        "tags: [repa, repa-e, sit, class-conditional, image-generation]",
+        "---",
+        f"# SiT trained on a frozen VAE ({Path(args.output_dir).name})",
+        "",
+        f"Trained with `training/train_ldm.py` from {start} for {global_step} steps ({mode}; global batch "
+        f"{args.train_batch_size}, {args.resolution} px) on `{data.source}` ({data.num_classes} classes"
+        f"{', added as new classes' if args.new_classes else ''}), aligned with `{args.enc_type}` after SiT block "
+        f"{args.encoder_depth}. Latents {latents}.",
+        "",
+        f"Parameters: {', '.join(f'{k} {v:,}' for k, v in num_params.items())}.",
+        "",
+    ]
+    if args.lora_rank:
+        lines += [
+            "The LoRA adapter and the grown label table are in `lora/`:",
+            "```py",
+            "from diffusers_repae import RepaEPipeline",
+            "from diffusers_repae.training.lora import load_sit_lora",
+            f'pipe = RepaEPipeline.from_pretrained("{args.pretrained_model_name_or_path}")',
+            f'load_sit_lora(pipe.transformer, "{Path(args.output_dir) / "lora"}")',
+            "```",
+            "",
+        ]
+    if data.attribution:
+        lines += ["## Training data licence", "", data.attribution, ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        remove_incomplete_checkpoints(output_dir)
+    per_process = per_process_batch_size(args, accelerator)
+
+    with accelerator.main_process_first():
+        data = training_data_from_args(args, args.seed, accelerator.process_index, accelerator.num_processes)
+        dataset = training_dataset(args, data)
+    data.dataset = dataset
+    dataloader = build_dataloader(data, per_process, args.dataloader_num_workers, seed=args.seed)
+
+    vae = load_frozen_vae(args).to(accelerator.device)
+    latent_norm = frozen_latent_norm(vae).to(accelerator.device)
+    transformer, label_offset = load_transformer(args, vae, data)
+    if transformer.config.in_channels != vae.config.latent_channels:
+        raise ValueError(
+            f"SiT in_channels {transformer.config.in_channels} != VAE latent_channels {vae.config.latent_channels}."
+        )
+    num_tokens = (transformer.config.sample_size // transformer.config.patch_size) ** 2
+    with accelerator.main_process_first():
+        encoders = load_vision_encoders(
+            args.enc_type, args.resolution, num_tokens, accelerator.device,
+            local_paths=parse_encoder_paths(args.encoder_paths),
+        )  # fmt: skip
+    projector = load_projector(args, transformer, encoders)
+
+    id2label: dict[int, str] = {}
+    if args.pretrained_model_name_or_path is not None:
+        pretrained = RepaEPipeline.from_pretrained(
+            args.pretrained_model_name_or_path, vae=vae, transformer=transformer
+        )
+        id2label, scheduler = dict(pretrained.id2label), pretrained.scheduler
+        settings = {k: pretrained.config[k] for k in SAMPLING_DEFAULT_KEYS if k in pretrained.config}
+        del pretrained
+    else:
+        scheduler, settings = build_component(args.recipe, "scheduler"), recipe_sampling_defaults(args.recipe)
+    id2label.update({label_offset + k: v for k, v in data.id2label.items()})
+    if args.lora_rank:
+        add_sit_lora(
+            transformer, args.lora_rank, args.lora_alpha, args.lora_target_modules.split(","),
+            num_new_classes=data.num_classes if args.new_classes else 0,
+        )  # fmt: skip
+    elif args.new_classes:
+        grow_class_table(transformer, data.num_classes)
+
+    def adamw(params):
+        return torch.optim.AdamW(
+            [p for p in params if p.requires_grad],
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            weight_decay=args.adam_weight_decay,
+            eps=args.adam_epsilon,
+        )
+
+    optimizer = adamw(list(transformer.parameters()) + list(projector.parameters()))
+    if args.compile:
+        transformer = torch.compile(transformer)
+    transformer, projector, optimizer = accelerator.prepare(transformer, projector, optimizer)
+    if not data.streaming:
+        dataloader = accelerator.prepare(dataloader)
+    models = RepaEModels(
+        vae=None,
+        transformer=transformer,
+        projector=projector,
+        discriminator=None,
+        latent_norm=latent_norm,
+        encoders=encoders,
+        vae_loss=None,
+        optimizer_vae=None,
+        optimizer_disc=None,
+        optimizer_sit=optimizer,
+    )
+    models.ema = ModelEMA(ema_target(accelerator, models), decay=args.ema_decay)
+    generators = ProcessGenerators(accelerator, args.seed)
+    history = LossHistory()
+    accelerator.register_for_checkpointing(models.ema, generators, history)
+    if data.streaming:
+        accelerator.register_for_checkpointing(PerProcessState(accelerator, data.dataset))
+    hp = RepaEHyperParameters(
+        encoder_depth=args.encoder_depth,
+        proj_coeff=args.proj_coeff,
+        path_type=args.path_type,
+        weighting=args.weighting,
+        cfg_prob=args.cfg_prob,
+        max_grad_norm=args.max_grad_norm,
+        freeze_latent_norm=True,
+    )
+
+    global_step = 0
+    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
+    if resume is not None:
+        logger.info(f"resuming from {resume}")
+        accelerator.load_state(str(resume))
+        global_step = checkpoint_step(resume)
+    if accelerator.is_main_process and args.report_to != "none":
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(args.tracker_project_name, config=config)
+    unwrapped = accelerator.unwrap_model(transformer)
+    num_params = {
+        "sit": sum(p.numel() for p in unwrapped.parameters()),
+        "sit_trainable": sum(p.numel() for p in unwrapped.parameters() if p.requires_grad),
+        "projector": sum(p.numel() for p in accelerator.unwrap_model(projector).parameters()),
+    }
+    logger.info(f"***** LDM training: {num_params}, {len(data.dataset)} samples, {len(id2label)} classes *****")
+
+    def step_fn(batch: dict, step: int) -> dict:
+        if label_offset:
+            batch = {**batch, "labels": batch["labels"] + label_offset}
+        return ldm_train_step(accelerator, models, hp, batch, vae, generators.generator)
+
+    def validate(step: int) -> None:
+        pipeline = export_pipeline(args, accelerator, models, vae, scheduler, id2label, settings)
+        log_validation(args, accelerator, pipeline, data, step)
+
+    global_step = run_training_loop(
+        args, accelerator, data, dataloader, step_fn, {"sit": optimizer}, history, global_step, resume, validate
+    )
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if args.lora_rank:
+            save_sit_lora(models.ema.model["transformer"], output_dir / "lora", id2label=id2label)
+        else:
+            export_pipeline(args, accelerator, models, vae, scheduler, id2label, settings).save_pretrained(output_dir)
+        accelerator.unwrap_model(projector).save_pretrained(output_dir / "projector")
+        (output_dir / "README.md").write_text(model_card(args, data, num_params, global_step))
+        if history.records:
+            plot_loss_curves(history, output_dir / "loss_curves.png", groups=("sit",))
+        logger.info(f"saved to {output_dir} (loss curves: {output_dir / 'loss_curves.png'})")
+    accelerator.end_training()
+    return output_dir
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
