@@ -149,7 +149,7 @@ def run_train_ldm(*argv: str) -> Path:
 def test_cli_trains_from_cache_then_lora_adds_classes(tmp_path):
     """Recipe + frozen VAE + latent cache -> pipeline; then LoRA with new classes on that pipeline."""
     from diffusers_repae import RepaEPipeline, build_component
-    from diffusers_repae.training.lora import load_sit_lora
+    from diffusers_repae.training.lora import load_lora_into_pipeline
 
     rng = np.random.default_rng(0)
     for i in range(8):
@@ -180,12 +180,15 @@ def test_cli_trains_from_cache_then_lora_adds_classes(tmp_path):
     )  # fmt: skip
     tuned = RepaEPipeline.from_pretrained(base)
     before = {k: v.clone() for k, v in tuned.transformer.state_dict().items()}
-    id2label = load_sit_lora(tuned.transformer, lora / "lora")
-    assert tuned.transformer.config.num_classes == 4 and id2label[2] == "shape0" and id2label[1] == "shape1"
+    load_lora_into_pipeline(tuned, lora / "lora")
+    assert (
+        tuned.transformer.config.num_classes == 4 and tuned.id2label[2] == "shape0" and tuned.id2label[1] == "shape1"
+    )
     table = tuned.transformer.class_embedding.weight
     assert torch.equal(table[:2], before["class_embedding.weight"][:2])  # old classes kept
     assert torch.equal(table[4], before["class_embedding.weight"][2])  # null row kept, moved to the end
     lora_b = [p for n, p in tuned.transformer.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # the adapter trained
     out = tuned(class_labels=[3], num_inference_steps=2, output_type="latent").images
+    assert tuned.labels["shape0"] == [0, 2]  # names resolve to the old and the new class
     assert out.shape == (1, 4, 16, 16) and torch.isfinite(out).all()

@@ -16,6 +16,7 @@ from diffusers.utils import make_image_grid
 from diffusers_repae import RepaEPipeline
 from diffusers_repae.recipes import resolve_recipe
 from diffusers_repae.schedulers import SAMPLERS
+from diffusers_repae.training.lora import load_lora_into_pipeline
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--num_threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 suits tiny models)."
     )
     parser.add_argument("--output", default="grid.png", help="Where to write the image grid (PNG).")
+    parser.add_argument(
+        "--lora", default=None, help="A LoRA folder written by train_ldm.py --lora_rank (OUTPUT_DIR/lora) to load."
+    )
     return parser.parse_args(argv)
 
 
@@ -83,7 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
-    pipe = load_pipeline(args.pretrained).to(args.device)
+    pipe = load_pipeline(args.pretrained)
+    if args.lora is not None:
+        load_lora_into_pipeline(pipe, args.lora)
+    pipe = pipe.to(args.device)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     images = pipe(
         class_labels=[parse_label(label) for label in args.class_labels],

@@ -100,3 +100,12 @@ def load_sit_lora(sit: SiTTransformer2DModel, directory: str | Path) -> dict[int
     if labels_file.is_file():
         return {int(k): v for k, v in json.loads(labels_file.read_text()).items()}
     return None
+
+
+def load_lora_into_pipeline(pipeline, directory: str | Path) -> None:
+    """`load_sit_lora` into ``pipeline.transformer`` and adopt the saved class names (so labels by name work)."""
+    id2label = load_sit_lora(pipeline.transformer, directory)
+    if id2label is not None:
+        pipeline.id2label = id2label
+        pipeline.labels = pipeline._synonym_index(id2label)
+        pipeline.register_to_config(id2label={str(k): v for k, v in id2label.items()})
