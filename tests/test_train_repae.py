@@ -305,12 +305,21 @@ def test_bad_flags_are_rejected(tiny_setup, tmp_path):
         _run(_argv(tiny_setup, tmp_path, 2, "--discriminator_checkpoint", str(tmp_path / "nope.bin")))
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_two_processes(tiny_setup, tmp_path):
     """``accelerate launch --multi_gpu`` with 2 CPU processes (gloo): ACCELERATE_USE_CPU makes accelerate use them."""
     out = tmp_path / "ddp"
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()),
         str(SCRIPT), *_argv(tiny_setup, out, 2),
     ]  # fmt: skip
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
