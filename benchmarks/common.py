@@ -57,7 +57,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=None, help="Untimed warm-up calls before timing.")
     parser.add_argument("--json", default=None, help="Also write the tables to this JSON file.")
     parser.add_argument("--no_compile", action="store_true", help="Skip the torch.compile row (slow on CPU).")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's).")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads. Default on CPU: 1 (stable, comparable numbers; several OpenMP threads on a "
+        "shared machine spin and run 2-3x slower); 0 keeps torch's default.",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights and inputs.")
     return parser
 
@@ -76,10 +82,12 @@ def resolve_device(name: str) -> torch.device:
 
 def setup(args: argparse.Namespace) -> torch.device:
     """Apply ``--threads``/``--seed``, pick the device and fill the repeat defaults (quick vs full)."""
-    if args.threads is not None:
+    device = resolve_device(args.device)
+    if args.threads is None and device.type == "cpu":
+        args.threads = 1
+    if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    device = resolve_device(args.device)
     if args.repeats is None:
         args.repeats = 1 if args.quick else (10 if device.type == "cuda" else 3)
     if args.warmup is None:
