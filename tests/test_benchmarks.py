@@ -61,7 +61,11 @@ def test_tables_and_rows(quick_run):
         ("tiny (tiny-cpu)", "forward"),
         ("tiny (tiny-cpu)", "train_step"),
     ]
-    assert [r["optimisation"] for r in tables["SiT optimisations"].rows] == ["attention", "conditioning"]
+    assert [r["optimisation"] for r in tables["SiT optimisations"].rows] == [
+        "attention",
+        "attention op only [1, 3, 64, 64]",
+        "conditioning",
+    ]
     from bench_train_step import PHASES
 
     phases = [r["phase"] for r in tables["REPA-E train step by phase"].rows]
@@ -113,6 +117,7 @@ def test_before_after_numerics(quick_run):
     tables, _ = quick_run
     sit = rows_by(tables["SiT optimisations"], "optimisation")
     assert sit["attention"]["max_abs_diff"] < 1e-5
+    assert sit["attention op only [1, 3, 64, 64]"]["max_abs_diff"] < 1e-5
     assert sit["conditioning"]["max_abs_diff"] == 0
     training = tables["Training optimisations"].rows
     assert training[0]["max_abs_diff"] < 1e-6  # REPA loss: loop vs vectorised (loss and gradient)
