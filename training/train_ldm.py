@@ -203,10 +203,10 @@ def training_dataset(args: argparse.Namespace, data):
     latents, info = load_latent_cache(args.latents_dir)
     if info.resolution != args.resolution:
         raise ValueError(f"--latents_dir was cached at {info.resolution} px but --resolution is {args.resolution}.")
-    if info.num_items != len(data.dataset):
+    if info.source != data.source or info.num_items > len(data.dataset):
         raise ValueError(
-            f"--latents_dir holds {info.num_items} images but the data flags give {len(data.dataset)}: name the "
-            f"dataset the cache was made from ({info.source})."
+            f"--latents_dir was made from {info.source} ({info.num_items} images) but the data flags give "
+            f"{data.source} ({len(data.dataset)} images): name the dataset the cache was made from."
         )
     return CachedLatentsWithImages(latents, data.dataset)
 
