@@ -24,14 +24,11 @@ fine-tuned (the documented full fine-tune alternative). Adapters are saved in th
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL
 
 from diffusers_repae import LatentBatchNorm, RepaEPipeline, REPAProjector, SiTTransformer2DModel, build_component
@@ -41,7 +38,6 @@ from diffusers_repae.training.checkpointing import (
     PerProcessState,
     ProcessGenerators,
     checkpoint_step,
-    remove_incomplete_checkpoints,
     resolve_resume_checkpoint,
 )
 from diffusers_repae.training.data import add_data_args, build_dataloader, training_data_from_args
@@ -57,11 +53,13 @@ from diffusers_repae.training.trainer import (
     check_sit_training_args,
     latent_size,
     log_validation,
+    make_adamw,
     parse_encoder_paths,
     per_process_batch_size,
     plot_loss_curves,
     recipe_sampling_defaults,
     run_training_loop,
+    setup_accelerator,
 )
 
 logger = get_logger(__name__, log_level="INFO")
@@ -246,9 +244,9 @@ def model_card(args, data, num_params: dict[str, int], global_step: int) -> str:
             "The LoRA adapter and the grown label table are in `lora/`:",
             "```py",
             "from diffusers_repae import RepaEPipeline",
-            "from diffusers_repae.training.lora import load_sit_lora",
+            "from diffusers_repae.training.lora import load_lora_into_pipeline",
             f'pipe = RepaEPipeline.from_pretrained("{args.pretrained_model_name_or_path}")',
-            f'load_sit_lora(pipe.transformer, "{Path(args.output_dir) / "lora"}")',
+            f'load_lora_into_pipeline(pipe, "{Path(args.output_dir) / "lora"}")',
             "```",
             "",
         ]
@@ -260,23 +258,7 @@ def model_card(args, data, num_params: dict[str, int], global_step: int) -> str:
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
-        ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    set_seed(args.seed)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        remove_incomplete_checkpoints(output_dir)
+    accelerator = setup_accelerator(args)
     per_process = per_process_batch_size(args, accelerator)
 
     with accelerator.main_process_first():
@@ -319,16 +301,7 @@ def main(argv: list[str] | None = None) -> Path:
     elif args.new_classes:
         grow_class_table(transformer, data.num_classes)
 
-    def adamw(params):
-        return torch.optim.AdamW(
-            [p for p in params if p.requires_grad],
-            lr=args.learning_rate,
-            betas=(args.adam_beta1, args.adam_beta2),
-            weight_decay=args.adam_weight_decay,
-            eps=args.adam_epsilon,
-        )
-
-    optimizer = adamw(list(transformer.parameters()) + list(projector.parameters()))
+    optimizer = make_adamw(args, list(transformer.parameters()) + list(projector.parameters()), args.learning_rate)
     if args.compile:
         transformer = torch.compile(transformer)
     transformer, projector, optimizer = accelerator.prepare(transformer, projector, optimizer)

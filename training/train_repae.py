@@ -13,14 +13,11 @@ BatchNorm statistics. At the end a complete `RepaEPipeline` is written to --outp
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL
 
 from diffusers_repae import LatentBatchNorm, RepaEPipeline, build_component, load_component_config, resolve_recipe
@@ -30,7 +27,6 @@ from diffusers_repae.training.checkpointing import (
     PerProcessState,
     ProcessGenerators,
     checkpoint_step,
-    remove_incomplete_checkpoints,
     resolve_resume_checkpoint,
 )
 from diffusers_repae.training.data import add_data_args, build_dataloader, training_data_from_args
@@ -48,11 +44,13 @@ from diffusers_repae.training.trainer import (
     check_sit_training_args,
     latent_size,
     log_validation,
+    make_adamw,
     parse_encoder_paths,
     per_process_batch_size,
     plot_loss_curves,
     recipe_sampling_defaults,
     run_training_loop,
+    setup_accelerator,
     vae_with_stats,
 )
 
@@ -209,25 +207,7 @@ def model_card(args, data, num_params: dict[str, int], global_step: int) -> str:
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
-        ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    logger.info(accelerator.state, main_process_only=False)
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    set_seed(args.seed)  # identical on every process: same init and the same (sharded) data order
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        remove_incomplete_checkpoints(output_dir)
-
+    accelerator = setup_accelerator(args)
     per_process = per_process_batch_size(args, accelerator)
 
     # Data (the main process renders/caches first, the others then read the cache).
@@ -291,19 +271,10 @@ def main(argv: list[str] | None = None) -> Path:
         lpips, args.l1_weight, args.lpips_weight, args.kl_weight, args.disc_weight, args.disc_start, args.disc_factor
     )
 
-    def adamw(params, lr):
-        return torch.optim.AdamW(
-            params,
-            lr=lr,
-            betas=(args.adam_beta1, args.adam_beta2),
-            weight_decay=args.adam_weight_decay,
-            eps=args.adam_epsilon,
-        )
-
     vae_module = VAEWithPosterior(vae)
-    optimizer_vae = adamw(vae_module.parameters(), args.vae_learning_rate)
-    optimizer_disc = adamw(discriminator.parameters(), args.disc_learning_rate)
-    optimizer_sit = adamw(list(transformer.parameters()) + list(projector.parameters()), args.learning_rate)
+    optimizer_vae = make_adamw(args, vae_module.parameters(), args.vae_learning_rate)
+    optimizer_disc = make_adamw(args, discriminator.parameters(), args.disc_learning_rate)
+    optimizer_sit = make_adamw(args, list(transformer.parameters()) + list(projector.parameters()), args.learning_rate)
     if args.compile:
         transformer = torch.compile(transformer)
     (vae_module, transformer, projector, discriminator, optimizer_vae, optimizer_disc, optimizer_sit) = (

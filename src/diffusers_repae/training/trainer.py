@@ -16,12 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from ..models.latent_norm import LatentBatchNorm
 from ..recipes import resolve_recipe
-from .checkpointing import LossHistory, all_finite, save_checkpoint
+from .checkpointing import LossHistory, all_finite, remove_incomplete_checkpoints, save_checkpoint
 from .data import TrainingData
 from .losses import PATH_TYPES, WEIGHTINGS
 
@@ -152,6 +153,30 @@ def check_sit_training_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--cfg_prob must be in [0, 1), got {args.cfg_prob}.")
 
 
+def setup_accelerator(args: argparse.Namespace) -> Accelerator:
+    """The Accelerator of a training run (seedable sampler for exact resume), logging, TF32, seed, output folder."""
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    set_seed(args.seed)  # identical on every process: same init and the same (sharded) data order
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        remove_incomplete_checkpoints(output_dir)
+    return accelerator
+
+
 def per_process_batch_size(args: argparse.Namespace, accelerator: Accelerator) -> int:
     """The global ``--train_batch_size`` split over processes and accumulation steps (it must divide evenly)."""
     parts = accelerator.num_processes * args.gradient_accumulation_steps
@@ -161,6 +186,22 @@ def per_process_batch_size(args: argparse.Namespace, accelerator: Accelerator) -
             f"({accelerator.num_processes} x {args.gradient_accumulation_steps})."
         )
     return args.train_batch_size // parts
+
+
+def make_adamw(args: argparse.Namespace, params, lr: float) -> torch.optim.AdamW:
+    """AdamW with the shared ``--adam_*`` flags over the trainable ``params``.
+
+    ``fused=True``: one kernel for the whole update, 4x faster than the for-loop implementation on a SiT-B/2
+    step (benchmarks/bench_sit.py) and within 1.5e-8 of it after one step.
+    """
+    return torch.optim.AdamW(
+        [p for p in params if p.requires_grad],
+        lr=lr,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+        fused=True,
+    )
 
 
 def parse_encoder_paths(items: list[str] | None) -> dict[str, str]:
