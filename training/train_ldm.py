@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> Path:
         accelerator.unwrap_model(projector).save_pretrained(output_dir / "projector")
         (output_dir / "README.md").write_text(model_card(args, data, num_params, global_step))
         if history.records:
-            plot_loss_curves(history, output_dir / "loss_curves.png", groups=("sit",))
+            plot_loss_curves(history, output_dir / "loss_curves.png")
         logger.info(f"saved to {output_dir} (loss curves: {output_dir / 'loss_curves.png'})")
     accelerator.end_training()
     return output_dir

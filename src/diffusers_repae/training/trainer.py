@@ -279,21 +279,29 @@ def log_validation(args, accelerator: Accelerator, pipeline, data: TrainingData,
             )
 
 
-def plot_loss_curves(history: LossHistory, path: Path, groups: tuple[str, ...] = ("sit", "vae", "disc")) -> None:
-    """Every logged loss term against the step, one panel per group (``sit/``, ``vae/``, ...)."""
+def plot_loss_curves(history: LossHistory, path: Path) -> None:
+    """Every logged loss term against the step, one panel per group that was logged (sit/, vae/, the KL, disc/)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    present = [g for g in groups if any(k.startswith(g + "/") for r in history.records for k in r)]
-    fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 3.5), squeeze=False)
+    # the KL (summed over latent elements) dwarfs the other VAE terms: it gets its own panel
+    groups = {
+        "sit": lambda k: k.startswith("sit/"),
+        "vae": lambda k: k.startswith("vae/") and k != "vae/kl",
+        "vae/kl": lambda k: k == "vae/kl",
+        "disc": lambda k: k.startswith("disc/"),
+    }
+    logged = {k for r in history.records for k in r}
+    panels = {name: sorted(filter(selected, logged)) for name, selected in groups.items()}
+    panels = {name: keys for name, keys in panels.items() if keys}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
     steps = [r["step"] for r in history.records]
-    for axis, group in zip(axes[0], present):
-        keys = sorted({k for r in history.records for k in r if k.startswith(group + "/")})
+    for axis, (name, keys) in zip(axes[0], panels.items()):
         for key in keys:
             axis.plot(steps, [r.get(key, float("nan")) for r in history.records], label=key.split("/", 1)[1])
-        axis.set_title(group)
+        axis.set_title(name)
         axis.set_xlabel("step")
         axis.legend(fontsize=7)
     fig.tight_layout()
