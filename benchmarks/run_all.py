@@ -13,21 +13,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_ldm_data  # noqa: E402
 import bench_sampling  # noqa: E402
 import bench_sit  # noqa: E402
 import bench_train_step  # noqa: E402
 import estimate  # noqa: E402
 from common import Table, add_common_args, device_description, print_tables, setup, write_json  # noqa: E402
 
-SUITES = {"sit": bench_sit, "train": bench_train_step, "sampling": bench_sampling, "estimate": estimate}
+SUITES = {
+    "sit": bench_sit,
+    "train": bench_train_step,
+    "sampling": bench_sampling,
+    "ldm": bench_ldm_data,
+    "estimate": estimate,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = add_common_args(argparse.ArgumentParser(description=__doc__))
     parser.add_argument(
         "--only",
-        default="sit,train,sampling,estimate",
-        help="Comma-separated suites to run, from sit, train, sampling, estimate (the FLOP-based H100 estimate).",
+        default="sit,train,sampling,ldm,estimate",
+        help="Comma-separated suites to run, from sit, train, sampling, ldm (latent cache vs on-the-fly encoding), "
+        "estimate (the FLOP-based H100 estimate).",
     )
     for module in SUITES.values():
         module.add_args(parser)
