@@ -199,6 +199,12 @@ def model_card(args, data, num_params: dict[str, int], global_step: int) -> str:
             "weights could not be had offline. Expect blurrier reconstructions than REPA-E's recipe.",
             "",
         ]
+    if args.disc_start >= global_step:
+        lines += [
+            f"**The GAN terms never became active** (`--disc_start {args.disc_start}` >= {global_step} steps): the VAE "
+            "was tuned with L1 + KL + alignment only.",
+            "",
+        ]
     if data.attribution:
         lines += ["## Training data licence", "", data.attribution, ""]
     return "\n".join(lines)
