@@ -201,8 +201,8 @@ def model_card(args, data, num_params: dict[str, int], global_step: int) -> str:
         ]
     if args.disc_start >= global_step:
         lines += [
-            f"**The GAN terms never became active** (`--disc_start {args.disc_start}` >= {global_step} steps): the VAE "
-            "was tuned with L1 + KL + alignment only.",
+            f"**The GAN terms never became active** (`--disc_start {args.disc_start}` >= {global_step} steps): the "
+            "VAE was tuned without the adversarial loss.",
             "",
         ]
     if data.attribution:
