@@ -21,17 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     Table,
-    add_common_args,
     count_flops,
     device_peak_flops,
     max_abs_diff,
     measure,
     measure_pair,
     peak_memory,
-    print_tables,
-    setup,
     speedup,
-    write_json,
+    suite_main,
 )
 
 from diffusers_repae import build_component  # noqa: E402
@@ -425,15 +422,5 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def main() -> None:
-    parser = add_args(add_common_args(argparse.ArgumentParser(description=__doc__)))
-    args = parser.parse_args()
-    device = setup(args)
-    tables = run(args, device)
-    print_tables(tables)
-    if args.json:
-        write_json(args.json, tables, device, args)
-
-
 if __name__ == "__main__":
-    main()
+    suite_main(__doc__, add_args, run)

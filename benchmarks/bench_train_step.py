@@ -22,15 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sit import build_sit, profile_call  # noqa: E402
 from common import (  # noqa: E402
     Table,
-    add_common_args,
     max_abs_diff,
     measure,
     measure_pair,
-    print_tables,
-    setup,
     speedup,
+    suite_main,
     synchronize,
-    write_json,
 )
 
 from diffusers_repae import LatentBatchNorm, build_component  # noqa: E402
@@ -422,15 +419,5 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def main() -> None:
-    parser = add_args(add_common_args(argparse.ArgumentParser(description=__doc__)))
-    args = parser.parse_args()
-    device = setup(args)
-    tables = run(args, device)
-    print_tables(tables)
-    if args.json:
-        write_json(args.json, tables, device, args)
-
-
 if __name__ == "__main__":
-    main()
+    suite_main(__doc__, add_args, run)

@@ -294,3 +294,13 @@ def write_json(path: str | Path, tables: list[Table], device: torch.device, args
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach().double() - b.detach().double()).abs().max())
+
+
+def suite_main(description: str, add_args: Callable, run: Callable) -> None:
+    """Command-line entry point of one suite run on its own: parse, run, print, optionally write JSON."""
+    args = add_args(add_common_args(argparse.ArgumentParser(description=description))).parse_args()
+    device = setup(args)
+    tables = run(args, device)
+    print_tables(tables)
+    if args.json:
+        write_json(args.json, tables, device, args)

@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_sit import meta_flops  # noqa: E402
-from common import Table, add_common_args, count_flops, print_tables, setup, write_json  # noqa: E402
+from common import Table, count_flops, suite_main  # noqa: E402
 
 from diffusers_repae import build_component  # noqa: E402
 from diffusers_repae.models.discriminator import PatchGANDiscriminator  # noqa: E402
@@ -125,15 +125,5 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def main() -> None:
-    parser = add_args(add_common_args(argparse.ArgumentParser(description=__doc__)))
-    args = parser.parse_args()
-    device = setup(args)
-    tables = run(args, device)
-    print_tables(tables)
-    if args.json:
-        write_json(args.json, tables, device, args)
-
-
 if __name__ == "__main__":
-    main()
+    suite_main(__doc__, add_args, run)
