@@ -14,7 +14,7 @@ from diffusers_repae.conversion import (
     ConversionError,
     convert_training_checkpoint,
     load_checkpoint,
-    verification_failures,
+    report_verification,
     verify_folder,
     write_pipeline_folder,
 )
@@ -100,13 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote RepaEPipeline (recipe {converted.recipe}, step {converted.steps}) to {args.output_dir}")
     if args.verify:
         report = verify_folder(args.output_dir, converted)
-        for name, diff in report.items():
-            print(f"  {name}: max abs diff {diff:.3g}")
-        failures = verification_failures(report)
-        if failures:
-            print(f"error: verification failed: {failures}", file=sys.stderr)
+        if not report_verification(report):
             return 1
-        print("verification passed")
     return 0
 
 

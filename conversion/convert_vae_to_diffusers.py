@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from diffusers_repae.conversion import ConversionError, load_checkpoint, verification_failures, verify_vae_folder
+from diffusers_repae.conversion import ConversionError, load_checkpoint, report_verification, verify_vae_folder
 from diffusers_repae.conversion.vae import convert_vae_checkpoint
 from diffusers_repae.models.vae import VAE_PRESETS
 
@@ -70,13 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             {"latents_mean": vae.config.latents_mean, "latents_std": vae.config.latents_std} if stats else None
         )
         report = verify_vae_folder(args.output_dir, sources, stats_config)
-        for name, diff in report.items():
-            print(f"  {name}: max abs diff {diff:.3g}")
-        failures = verification_failures(report)
-        if failures:
-            print(f"error: verification failed: {failures}", file=sys.stderr)
+        if not report_verification(report):
             return 1
-        print("verification passed")
     return 0
 
 

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusers_repae.evaluation import save_npz
-from diffusers_repae.training.data import add_data_args, load_training_dataset
+from diffusers_repae.training.data import add_data_args, training_data_from_args
 
 
 def parse_args() -> argparse.Namespace:
@@ -32,18 +32,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    data = load_training_dataset(
-        dataset_name=args.dataset_name,
-        train_data_dir=args.train_data_dir,
-        dataset_config_name=args.dataset_config_name,
-        streaming=args.streaming,
-        image_column=args.image_column,
-        label_column=args.label_column,
-        resolution=args.resolution,
-        split=args.split,
-        cache_dir=args.cache_dir,
-        embedded_label_by=args.embedded_label_by,
-    )
+    args.random_flip = False  # evaluation reads images as they are, in dataset order
+    data = training_data_from_args(args, split=args.split)
     loader = torch.utils.data.DataLoader(data.dataset, batch_size=args.batch_size, shuffle=False)  # dataset order
     total = args.num_images if data.streaming else min(len(data.dataset), args.num_images or len(data.dataset))
     images, labels = [], []

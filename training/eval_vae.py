@@ -28,7 +28,7 @@ from diffusers_repae.evaluation import (
     iter_image_batches,
     load_lpips_vgg,
 )
-from diffusers_repae.training.data import add_data_args, load_training_dataset
+from diffusers_repae.training.data import add_data_args, training_data_from_args
 
 
 def parse_args() -> argparse.Namespace:
@@ -64,18 +64,8 @@ def image_batches(args: argparse.Namespace):
         total = count_images(args.images)
         total = total if args.num_images is None else min(total, args.num_images)
         return iter_image_batches(args.images, args.batch_size, args.num_images), total
-    data = load_training_dataset(
-        dataset_name=args.dataset_name,
-        train_data_dir=args.train_data_dir,
-        dataset_config_name=args.dataset_config_name,
-        streaming=args.streaming,
-        image_column=args.image_column,
-        label_column=args.label_column,
-        resolution=args.resolution,
-        split=args.split,
-        cache_dir=args.cache_dir,
-        embedded_label_by=args.embedded_label_by,
-    )
+    args.random_flip = False  # evaluation reads images as they are, in dataset order
+    data = training_data_from_args(args, split=args.split)
     loader = torch.utils.data.DataLoader(data.dataset, batch_size=args.batch_size, shuffle=False)  # dataset order
     total = None if data.streaming else len(data.dataset)
     if args.num_images is not None:

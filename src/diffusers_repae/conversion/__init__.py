@@ -1,6 +1,6 @@
 """Conversion of original REPA-E / REPA / LightningDiT checkpoints to diffusers folders (library part)."""
 
-from .export import verification_failures, verify_folder, verify_vae_folder, write_pipeline_folder
+from .export import report_verification, verification_failures, verify_folder, verify_vae_folder, write_pipeline_folder
 from .loading import ConversionError, check_state_dict, extract_state_dict, load_checkpoint, strip_wrapper_prefixes
 from .repae import ConvertedCheckpoint, convert_training_checkpoint, vae_family
 from .sit import infer_sit_config, load_transformer, original_to_diffusers_key, split_sit_state_dict
@@ -34,6 +34,7 @@ __all__ = [
     "stats_from_file",
     "strip_wrapper_prefixes",
     "vae_family",
+    "report_verification",
     "verification_failures",
     "verify_folder",
     "verify_vae_folder",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -114,6 +115,18 @@ def verification_failures(report: dict[str, float]) -> dict[str, float]:
     return {
         name: diff for name, diff in report.items() if not diff <= (POS_EMBED_ATOL if "pos_embed" in name else 0.0)
     }
+
+
+def report_verification(report: dict[str, float]) -> bool:
+    """Prints every check's max abs difference and the verdict; True when everything matched."""
+    for name, diff in report.items():
+        print(f"  {name}: max abs diff {diff:.3g}")
+    failures = verification_failures(report)
+    if failures:
+        print(f"error: verification failed: {failures}", file=sys.stderr)
+        return False
+    print("verification passed")
+    return True
 
 
 def _max_diff(reloaded: dict[str, torch.Tensor], sources: dict[str, torch.Tensor]) -> float:

@@ -450,7 +450,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def training_data_from_args(
-    args: argparse.Namespace, seed: int = 0, process_index: int = 0, num_processes: int = 1
+    args: argparse.Namespace, seed: int = 0, process_index: int = 0, num_processes: int = 1, split: str = "train"
 ) -> TrainingData:
     """`load_training_dataset` with the flags of `add_data_args`."""
     return load_training_dataset(
@@ -462,6 +462,7 @@ def training_data_from_args(
         label_column=args.label_column,
         resolution=args.resolution,
         random_flip=args.random_flip,
+        split=split,
         cache_dir=args.cache_dir,
         seed=seed,
         process_index=process_index,
