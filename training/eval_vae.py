@@ -113,4 +113,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FileNotFoundError as error:  # missing offline weights: the message says what to pass, no traceback
+        raise SystemExit(f"error: {error}") from None
