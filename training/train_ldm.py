@@ -37,8 +37,6 @@ from diffusers_repae.training.checkpointing import (
     LossHistory,
     PerProcessState,
     ProcessGenerators,
-    checkpoint_step,
-    resolve_resume_checkpoint,
 )
 from diffusers_repae.training.data import add_data_args, build_dataloader, training_data_from_args
 from diffusers_repae.training.ema import ModelEMA
@@ -58,6 +56,7 @@ from diffusers_repae.training.trainer import (
     per_process_batch_size,
     plot_loss_curves,
     recipe_sampling_defaults,
+    resume_and_start_trackers,
     run_training_loop,
     setup_accelerator,
 )
@@ -209,7 +208,7 @@ def training_dataset(args: argparse.Namespace, data):
     return CachedLatentsWithImages(latents, data.dataset)
 
 
-def export_pipeline(args, accelerator, models: RepaEModels, vae, scheduler, id2label, settings) -> RepaEPipeline:
+def export_pipeline(models: RepaEModels, vae, scheduler, id2label, settings) -> RepaEPipeline:
     """RepaEPipeline from the EMA SiT and the frozen VAE (whose config statistics it samples with)."""
     return RepaEPipeline(
         transformer=models.ema.model["transformer"],
@@ -335,15 +334,7 @@ def main(argv: list[str] | None = None) -> Path:
         freeze_latent_norm=True,
     )
 
-    global_step = 0
-    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
-    if resume is not None:
-        logger.info(f"resuming from {resume}")
-        accelerator.load_state(str(resume))
-        global_step = checkpoint_step(resume)
-    if accelerator.is_main_process and args.report_to != "none":
-        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers(args.tracker_project_name, config=config)
+    global_step, resume = resume_and_start_trackers(args, accelerator)
     unwrapped = accelerator.unwrap_model(transformer)
     num_params = {
         "sit": sum(p.numel() for p in unwrapped.parameters()),
@@ -358,7 +349,7 @@ def main(argv: list[str] | None = None) -> Path:
         return ldm_train_step(accelerator, models, hp, batch, vae, generators.generator)
 
     def validate(step: int) -> None:
-        pipeline = export_pipeline(args, accelerator, models, vae, scheduler, id2label, settings)
+        pipeline = export_pipeline(models, vae, scheduler, id2label, settings)
         log_validation(args, accelerator, pipeline, data, step)
 
     global_step = run_training_loop(
@@ -370,7 +361,7 @@ def main(argv: list[str] | None = None) -> Path:
         if args.lora_rank:
             save_sit_lora(models.ema.model["transformer"], output_dir / "lora", id2label=id2label)
         else:
-            export_pipeline(args, accelerator, models, vae, scheduler, id2label, settings).save_pretrained(output_dir)
+            export_pipeline(models, vae, scheduler, id2label, settings).save_pretrained(output_dir)
         accelerator.unwrap_model(projector).save_pretrained(output_dir / "projector")
         (output_dir / "README.md").write_text(model_card(args, data, num_params, global_step))
         if history.records:

@@ -26,8 +26,6 @@ from diffusers_repae.training.checkpointing import (
     LossHistory,
     PerProcessState,
     ProcessGenerators,
-    checkpoint_step,
-    resolve_resume_checkpoint,
 )
 from diffusers_repae.training.data import add_data_args, build_dataloader, training_data_from_args
 from diffusers_repae.training.ema import ModelEMA
@@ -49,6 +47,7 @@ from diffusers_repae.training.trainer import (
     per_process_batch_size,
     plot_loss_curves,
     recipe_sampling_defaults,
+    resume_and_start_trackers,
     run_training_loop,
     setup_accelerator,
     vae_with_stats,
@@ -322,18 +321,7 @@ def main(argv: list[str] | None = None) -> Path:
         max_grad_norm=args.max_grad_norm,
     )
 
-    global_step = 0
-    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
-    if args.resume_from_checkpoint and resume is None:
-        logger.info(f"no checkpoint found in {output_dir}; starting a new run")
-    if resume is not None:
-        logger.info(f"resuming from {resume}")
-        accelerator.load_state(str(resume))
-        global_step = checkpoint_step(resume)
-
-    if accelerator.is_main_process and args.report_to != "none":
-        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers(args.tracker_project_name, config=config)
+    global_step, resume = resume_and_start_trackers(args, accelerator)
     num_params = {
         "sit": sum(p.numel() for p in accelerator.unwrap_model(transformer).parameters()),
         "projector": sum(p.numel() for p in accelerator.unwrap_model(projector).parameters()),

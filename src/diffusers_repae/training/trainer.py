@@ -22,7 +22,14 @@ from tqdm.auto import tqdm
 
 from ..models.latent_norm import LatentBatchNorm
 from ..recipes import resolve_recipe
-from .checkpointing import LossHistory, all_finite, remove_incomplete_checkpoints, save_checkpoint
+from .checkpointing import (
+    LossHistory,
+    all_finite,
+    checkpoint_step,
+    remove_incomplete_checkpoints,
+    resolve_resume_checkpoint,
+    save_checkpoint,
+)
 from .data import TrainingData
 from .losses import PATH_TYPES, WEIGHTINGS
 
@@ -175,6 +182,25 @@ def setup_accelerator(args: argparse.Namespace) -> Accelerator:
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_incomplete_checkpoints(output_dir)
     return accelerator
+
+
+def resume_and_start_trackers(args: argparse.Namespace, accelerator: Accelerator) -> tuple[int, Path | None]:
+    """Loads ``--resume_from_checkpoint`` (all registered state) and starts the trackers.
+
+    Returns ``(global_step, checkpoint)``; ``(0, None)`` for a new run.
+    """
+    global_step = 0
+    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if args.resume_from_checkpoint and resume is None:
+        logger.info(f"no checkpoint found in {args.output_dir}; starting a new run")
+    if resume is not None:
+        logger.info(f"resuming from {resume}")
+        accelerator.load_state(str(resume))
+        global_step = checkpoint_step(resume)
+    if accelerator.is_main_process and args.report_to != "none":
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(args.tracker_project_name, config=config)
+    return global_step, resume
 
 
 def per_process_batch_size(args: argparse.Namespace, accelerator: Accelerator) -> int:
