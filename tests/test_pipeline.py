@@ -85,8 +85,9 @@ def reference_sample(sit, noise, labels, sampler, steps, cfg=1.0, low=0.0, high=
     """Euler / Heun / Euler-Maruyama exactly as SPEC section 8 states them, state in float64."""
     null = torch.full_like(labels, sit.config.num_classes)
 
-    def velocity(x, t):
-        guided = cfg > 1.0 and low <= t <= high
+    def velocity(x, t, t_cur):
+        # the original decides guidance by the step's start time t_cur, also for Heun's evaluation at t_next
+        guided = cfg > 1.0 and low <= t_cur <= high
         x_in = torch.cat([x, x]) if guided else x
         y_in = torch.cat([labels, null]) if guided else labels
         t_in = torch.full((x_in.shape[0],), t, dtype=torch.float64).float()
@@ -101,16 +102,16 @@ def reference_sample(sit, noise, labels, sampler, steps, cfg=1.0, low=0.0, high=
         if sampler in ("euler", "heun"):
             grid = torch.linspace(1, 0, steps + 1, dtype=torch.float64).tolist()
             for i, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
-                v = velocity(x, t)
+                v = velocity(x, t, t)
                 x_next = x + (t_next - t) * v
                 if sampler == "heun" and i < steps - 1:
-                    x_next = x + (t_next - t) * (0.5 * v + 0.5 * velocity(x_next, t_next))
+                    x_next = x + (t_next - t) * (0.5 * v + 0.5 * velocity(x_next, t_next, t))
                 x = x_next
             return x
         grid = torch.linspace(1, 0.04, steps, dtype=torch.float64).tolist() + [0.0]
         for i, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
             dt = t_next - t
-            v = velocity(x, t)
+            v = velocity(x, t, t)
             w = 2 * t
             s = -((1 - t) * v + x) / t
             d = v - 0.5 * w * s
@@ -199,6 +200,54 @@ def test_guidance_interval_skips_the_unconditional_pass(pipe):
     assert times == pytest.approx(grid, abs=1e-7)
     assert batches == [4 if 0.25 <= t <= 0.6 else 2 for t in grid]
     assert 4 in batches and 2 in batches
+
+
+def test_heun_corrector_is_guided_by_the_step_start(pipe):
+    """Original rule (issue 13 item 1): both evaluations of a Heun step are guided iff low <= t_cur <= high."""
+    batches, times = [], []
+
+    def record(module, args):
+        batches.append(args[0].shape[0])
+        times.append(float(args[1][0]))
+
+    hook = pipe.transformer.register_forward_pre_hook(record)
+    try:
+        pipe([2, 3], num_inference_steps=5, guidance_scale=2.0, guidance_interval=(0.3, 0.7), sampler="heun")
+    finally:
+        hook.remove()
+    grid = torch.linspace(1, 0, 6, dtype=torch.float64).tolist()
+    expected_times, expected_batches = [], []
+    for i, (t_cur, t_next) in enumerate(zip(grid[:-1], grid[1:])):
+        guided = 0.3 <= t_cur <= 0.7
+        expected_times.append(t_cur)
+        expected_batches.append(4 if guided else 2)
+        if i < 4:
+            expected_times.append(t_next)
+            expected_batches.append(4 if guided else 2)
+    assert times == pytest.approx(expected_times, abs=1e-7)
+    assert batches == expected_batches
+    # the edges matter: the corrector at t = 0.6 (step from 0.8) is unguided, the one at t = 0.2 (from 0.4) guided
+    assert batches[2] == 2 and batches[6] == 4
+
+
+def test_time_and_state_stay_float32_with_bf16_weights():
+    """Item 7: t reaches the model as float32 whatever the weights' dtype; 250 grid times stay 250 distinct times."""
+    bf16 = RepaEPipeline(tiny_sit(), tiny_vae(), FlowMatchEulerMaruyamaScheduler())
+    bf16.transformer.to(torch.bfloat16)
+    bf16.set_progress_bar_config(disable=True)
+    times = []
+    hook = bf16.transformer.register_forward_pre_hook(lambda module, args: times.append(args[1]))
+    try:
+        latents = bf16([1], num_inference_steps=250, guidance_scale=1.0, output_type="latent").images
+    finally:
+        hook.remove()
+    grid = torch.linspace(1, 0.04, 250, dtype=torch.float64)
+    assert all(t.dtype == torch.float32 for t in times)
+    seen = torch.stack([t[0] for t in times])
+    torch.testing.assert_close(seen, grid.float(), rtol=0, atol=0)
+    assert len(set(seen.tolist())) == 250
+    assert len(set(grid.to(torch.bfloat16).tolist())) < 250  # what casting t to the weights' dtype would do
+    assert latents.dtype == torch.float32
 
 
 def test_swapping_schedulers_the_diffusers_way_equals_the_sampler_argument(pipe):

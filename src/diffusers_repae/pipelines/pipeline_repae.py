@@ -291,7 +291,9 @@ class RepaEPipeline(DiffusionPipeline):
             guidance_scale (`float`, *optional*): Classifier-free guidance ``v_u + s (v_c - v_u)`` with the null
                 class; ``<= 1`` disables it. The model card's value when omitted.
             guidance_interval (`(float, float)`, *optional*): ``(low, high)``: guidance applies when
-                ``low <= t <= high``; outside, the unconditional pass is skipped. The model card's when omitted.
+                ``low <= t <= high``; outside, the unconditional pass is skipped. Heun's corrector evaluation at
+                ``t_{i+1}`` is guided when its step's start ``t_i`` is, as in the original. The model card's when
+                omitted.
             num_images_per_label (`int`, defaults to 1): Images per label (consecutive in the output).
             generator (`torch.Generator` or a list, one per image, *optional*): Draws the initial noise and, for
                 the SDE, the Brownian increments; the same generator reproduces a run.
@@ -366,10 +368,13 @@ class RepaEPipeline(DiffusionPipeline):
                 if self.interrupt:
                     continue
                 t = self._time_of(scheduler, i, timestep)
-                guided = do_guidance and low <= t <= high
+                if getattr(scheduler, "state_in_first_order", True):
+                    step_start = t  # a Heun corrector is guided iff its step's start time is, as in the original
+                guided = do_guidance and low <= step_start <= high
                 model_input = torch.cat([latents, latents]) if guided else latents
                 model_labels = torch.cat([labels, null_labels]) if guided else labels
-                time_input = torch.full((model_input.shape[0],), t, device=device, dtype=model_dtype)
+                # t stays float32 whatever the weights' dtype (bf16 would merge neighbouring times of a fine grid)
+                time_input = torch.full((model_input.shape[0],), t, device=device, dtype=torch.float32)
                 velocity = self.transformer(model_input.to(model_dtype), time_input, model_labels).sample
                 velocity = velocity.to(sampling_dtype)
                 if guided:
