@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention import AttentionModuleMixin
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
@@ -45,10 +47,43 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-class SiTAttention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection (q, k, v stacked in that order), through SDPA."""
+class SiTAttnProcessor:
+    """Fused qkv projection, optional per-head q/k LayerNorm, attention through diffusers' dispatcher, output proj.
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
+    Going through `dispatch_attention_fn` is what makes ``model.set_attention_backend("flash")`` (or the
+    ``attention_backend`` context manager) choose the kernel; the default "native" backend is torch SDPA on the
+    same tensors, so the numbers are those of a direct ``F.scaled_dot_product_attention`` call.
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(self, attn: SiTAttention, hidden_states: torch.Tensor) -> torch.Tensor:
+        # [B, S, 3 * D] -> three [B, S, H, head_dim] views (q, k, v stacked in that order): the dispatch layout.
+        query, key, value = attn.qkv(hidden_states).unflatten(-1, (3, attn.num_heads, attn.head_dim)).unbind(2)
+        out = dispatch_attention_fn(
+            attn.q_norm(query),
+            attn.k_norm(key),
+            value,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )
+        return attn.proj(out.flatten(2, 3).to(query.dtype))
+
+
+class SiTAttention(nn.Module, AttentionModuleMixin):
+    """Multi-head self-attention with one fused qkv projection (q, k, v stacked in that order).
+
+    An `AttentionModuleMixin` with a processor, like diffusers' own attention modules, so the model-level
+    ``set_attention_backend`` / ``reset_attention_backend`` reach it. The weights keep their original names
+    (``qkv``, ``proj``, ``q_norm``, ``k_norm``), so converted checkpoints and LoRA targets are unchanged.
+    """
+
+    _default_processor_cls = SiTAttnProcessor
+    _available_processors = [SiTAttnProcessor]
+    _supports_qkv_fusion = False  # the projection is fused already
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, processor: SiTAttnProcessor | None = None):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"hidden_size {dim} must be divisible by num_attention_heads {num_heads}.")
@@ -59,12 +94,10 @@ class SiTAttention(nn.Module):
         self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
+        self.set_processor(processor if processor is not None else self._default_processor_cls())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, dim = x.shape
-        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+        return self.processor(self, x)
 
 
 class SiTMLP(nn.Module):
@@ -133,6 +166,7 @@ class SiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["SiTBlock"]
+    _repeated_blocks = ["SiTBlock"]  # compile_repeated_blocks(): one compiled block graph reused by every layer
 
     @register_to_config
     def __init__(
@@ -186,13 +220,21 @@ class SiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             nn.init.zeros_(linear.bias)
 
     def embed_conditioning(
-        self, timestep: torch.Tensor, class_labels: torch.Tensor, drop_labels: bool = False
+        self,
+        timestep: torch.Tensor,
+        class_labels: torch.Tensor,
+        drop_labels: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """``SiLU(t_emb + y_emb)``: computed once per forward and shared by every block's modulation."""
+        """``SiLU(t_emb + y_emb)``: computed once per forward and shared by every block's modulation.
+
+        ``dtype`` is the compute dtype of the sinusoidal features (the forward passes its input's); by default the
+        model's, which under ``enable_layerwise_casting`` is the compute dtype, not the float8 storage dtype.
+        """
         if drop_labels and self.training and self.config.class_dropout_prob > 0:
             drop = torch.rand(class_labels.shape, device=class_labels.device) < self.config.class_dropout_prob
             class_labels = torch.where(drop, torch.full_like(class_labels, self.config.num_classes), class_labels)
-        t_freq = self.time_proj(timestep).to(self.time_embedding.linear_1.weight.dtype)
+        t_freq = self.time_proj(timestep).to(self.dtype if dtype is None else dtype)
         return F.silu(self.time_embedding(t_freq) + self.class_embedding(class_labels))
 
     def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
