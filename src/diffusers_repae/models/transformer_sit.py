@@ -281,7 +281,7 @@ class SiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         batch = hidden_states.shape[0]
         timestep = torch.as_tensor(timestep, device=hidden_states.device).float().reshape(-1).expand(batch)
         class_labels = torch.as_tensor(class_labels, device=hidden_states.device).long().reshape(-1).expand(batch)
-        cond = self.embed_conditioning(timestep, class_labels, drop_labels=drop_labels)
+        cond = self.embed_conditioning(timestep, class_labels, drop_labels=drop_labels, dtype=hidden_states.dtype)
 
         x = self.patch_embed(hidden_states).flatten(2).transpose(1, 2)
         x = x + self.pos_embed.to(x.dtype)
