@@ -135,9 +135,14 @@ def _load_vgg_features(net: nn.Module, path: Path) -> None:
 
 
 class VAEReconstructionLoss(nn.Module):
-    """The generator side of REPA-E's VAE loss (configs/l1_lpips_kl_gan.yaml, SPEC section 6).
+    """The VAE's loss, generator and discriminator side (configs/l1_lpips_kl_gan.yaml, SPEC section 6).
 
-    ``L1 + lpips_weight * LPIPS + kl_weight * KL + disc_weight * (-mean D(x_hat))``, all in fp32 (autocast off).
+    One copy for every script that trains a VAE: ``train_repae.py`` (end-to-end, plus alignment) and
+    ``train_vae.py`` (stage 1 of latent diffusion). Generator:
+    ``L1 + lpips_weight * LPIPS + kl_weight * KL + d_weight * disc_factor * (-mean D(x_hat))``, all in fp32 (autocast
+    off), with ``d_weight = disc_weight`` (REPA-E) or, with ``adaptive_disc_weight``, taming/LDM's balance
+    ``disc_weight * ||dL_rec/dW|| / (||dL_gan/dW|| + 1e-4)`` (clamped to [0, 1e4], no gradient) over the decoder's
+    last layer ``W``. Discriminator: ``disc_factor`` x the hinge loss. The GAN terms start at ``disc_start``.
     LPIPS receives images in [-1, 1] with ``normalize=False``, the range it expects (the original fed [-1, 1]
     while claiming [0, 1]). ``lpips`` may be None when ``lpips_weight`` is 0 (offline runs without VGG weights).
     """
@@ -151,6 +156,7 @@ class VAEReconstructionLoss(nn.Module):
         disc_weight: float = 0.1,
         disc_start: int = 0,
         disc_factor: float = 1.0,
+        adaptive_disc_weight: bool = False,
     ):
         super().__init__()
         if lpips is None and lpips_weight != 0:
@@ -162,6 +168,7 @@ class VAEReconstructionLoss(nn.Module):
         self.disc_weight = disc_weight
         self.disc_start = disc_start
         self.disc_factor = disc_factor
+        self.adaptive_disc_weight = adaptive_disc_weight
 
     def gan_active(self, global_step: int) -> bool:
         return self.disc_weight > 0 and self.disc_factor > 0 and global_step >= self.disc_start
@@ -174,8 +181,12 @@ class VAEReconstructionLoss(nn.Module):
         logvar: torch.Tensor,
         discriminator: nn.Module | None,
         global_step: int = 0,
+        last_layer: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Loss terms (``l1``, ``lpips``, ``kl``, ``gan``) and their weighted sum ``loss``, fp32 scalars."""
+        """Loss terms (``l1``, ``lpips``, ``kl``, ``gan``, ``disc_weight``) and their weighted sum ``loss``, fp32.
+
+        ``last_layer`` (the decoder's ``conv_out.weight``) is needed only with ``adaptive_disc_weight``.
+        """
         device_type = images.device.type
         with torch.autocast(device_type=device_type, enabled=False):
             images, reconstructions = images.float(), reconstructions.float()
@@ -185,16 +196,38 @@ class VAEReconstructionLoss(nn.Module):
             else:
                 terms["lpips"] = torch.zeros((), device=images.device)
             terms["kl"] = kl_loss(mean, logvar)
+            rec = self.l1_weight * terms["l1"] + self.lpips_weight * terms["lpips"]
             gan = torch.zeros((), device=images.device)
-            factor = 0.0
+            d_weight = torch.zeros((), device=images.device)
             if discriminator is not None and self.gan_active(global_step):
                 gan = -discriminator(reconstructions).float().mean()
-                factor = self.disc_factor
+                d_weight = self.disc_weight * self.disc_factor * self.adaptive_weight(rec, gan, last_layer)
             terms["gan"] = gan
-            terms["loss"] = (
-                self.l1_weight * terms["l1"]
-                + self.lpips_weight * terms["lpips"]
-                + self.kl_weight * terms["kl"]
-                + self.disc_weight * factor * terms["gan"]
-            )
+            terms["disc_weight"] = d_weight
+            terms["loss"] = rec + self.kl_weight * terms["kl"] + d_weight * gan
         return terms
+
+    def adaptive_weight(
+        self, rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor | None
+    ) -> torch.Tensor:
+        """1 without ``adaptive_disc_weight``; else ``||grad rec|| / (||grad gan|| + 1e-4)`` at ``last_layer``."""
+        if not self.adaptive_disc_weight:
+            return torch.ones((), device=gan_loss.device)
+        if last_layer is None:
+            raise ValueError("adaptive_disc_weight needs the decoder's last layer weight (last_layer).")
+        if not torch.is_grad_enabled():  # evaluation: no graph to differentiate
+            return torch.ones((), device=gan_loss.device)
+        rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+        gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+        weight = rec_grad.float().norm() / (gan_grad.float().norm() + 1e-4)
+        return weight.clamp(0.0, 1e4).detach()
+
+    def discriminator_loss(
+        self, discriminator: nn.Module, images: torch.Tensor, reconstructions: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """``disc_factor`` x hinge loss on ``(x, x_hat)`` in fp32 (``loss``), with the mean logits for the log."""
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            logits_real = discriminator(images.detach().float())
+            logits_fake = discriminator(reconstructions.detach().float())
+            loss = self.disc_factor * hinge_d_loss(logits_real, logits_fake)
+        return {"loss": loss, "logits_real": logits_real.detach().mean(), "logits_fake": logits_fake.detach().mean()}

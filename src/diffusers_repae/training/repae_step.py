@@ -19,7 +19,6 @@ from .ema import ModelEMA
 from .losses import (
     VAEReconstructionLoss,
     denoising_loss,
-    hinge_d_loss,
     noisy_latents_and_target,
     repa_alignment_loss,
     sample_time,
@@ -137,6 +136,32 @@ def _set_trainable(module: nn.Module, flag: bool) -> None:
     module.train(flag)
 
 
+def decoder_last_layer(accelerator: Accelerator, vae: nn.Module) -> torch.Tensor:
+    """The decoder's output conv weight (taming/LDM's "last layer" of the adaptive GAN weight)."""
+    return accelerator.unwrap_model(vae).vae.decoder.conv_out.weight
+
+
+def vae_generator_loss(
+    accelerator: Accelerator,
+    models: RepaEModels,
+    images: torch.Tensor,
+    generator: torch.Generator | None,
+    global_step: int,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """VAE forward (autocast) and its generator loss terms: what train_repae.py and train_vae.py share.
+
+    The discriminator scores the reconstruction unwrapped and frozen (the generator loss must not train it); it
+    stays in train mode, as in the original. Returns the loss terms, the sampled latents and the reconstruction.
+    """
+    discriminator = accelerator.unwrap_model(models.discriminator)
+    discriminator.requires_grad_(False)
+    with accelerator.autocast():
+        mean, logvar, z, reconstruction = models.vae(images, generator=generator)
+    last_layer = decoder_last_layer(accelerator, models.vae) if models.vae_loss.adaptive_disc_weight else None
+    terms = models.vae_loss(images, reconstruction, mean, logvar, discriminator, global_step, last_layer)
+    return terms, z, reconstruction
+
+
 def vae_alignment_pass(
     accelerator: Accelerator,
     models: RepaEModels,
@@ -155,17 +180,13 @@ def vae_alignment_pass(
     """
     transformer = accelerator.unwrap_model(models.transformer)
     projector = accelerator.unwrap_model(models.projector)
-    discriminator = accelerator.unwrap_model(models.discriminator)
     for module in (transformer, projector):
         module.requires_grad_(False)
         module.eval()
     models.latent_norm.eval()
-    discriminator.requires_grad_(False)  # the generator loss must not train D; D stays in train mode (original)
 
-    with accelerator.autocast():
-        mean, logvar, z, reconstruction = models.vae(images, generator=generator)
+    terms, z, reconstruction = vae_generator_loss(accelerator, models, images, generator, global_step)
     noise = draw_step_noise(z, hp, generator)
-    terms = models.vae_loss(images, reconstruction, mean, logvar, discriminator, global_step)
     with accelerator.autocast():
         x_t, _ = noisy_latents_and_target(models.latent_norm(z.float()), noise.noise, noise.t, hp.path_type)
         hidden = transformer(x_t, noise.t, labels, return_hidden_states_at=hp.encoder_depth, align_only=True)
@@ -196,16 +217,9 @@ def discriminator_pass(
         return {}
     models.discriminator.requires_grad_(True)
     models.discriminator.train()
-    with torch.autocast(device_type=images.device.type, enabled=False):
-        logits_real = models.discriminator(images.detach().float())
-        logits_fake = models.discriminator(reconstruction.detach().float())
-        loss = models.vae_loss.disc_factor * hinge_d_loss(logits_real, logits_fake)
-    accelerator.backward(loss)
-    out = {
-        "disc/loss": loss.detach(),
-        "disc/logits_real": logits_real.detach().mean(),
-        "disc/logits_fake": logits_fake.detach().mean(),
-    }
+    terms = models.vae_loss.discriminator_loss(models.discriminator, images, reconstruction)
+    accelerator.backward(terms["loss"])
+    out = {f"disc/{k}": v.detach() for k, v in terms.items()}
     if accelerator.sync_gradients:
         out["grad_norm/disc"] = _grad_norm(
             accelerator.clip_grad_norm_(models.discriminator.parameters(), hp.max_grad_norm)
