@@ -203,3 +203,49 @@ def test_bad_block_index_is_a_clear_error():
         model(torch.randn(1, 4, 8, 8), 0.5, 0, return_hidden_states_at=4)
     with pytest.raises(ValueError, match="align_only"):
         model(torch.randn(1, 4, 8, 8), 0.5, 0, align_only=True)
+
+
+def test_residual_stream_stays_fp32_under_autocast_like_the_original():
+    """Issue 13 item 2: the original adds an fp32 ``pos_embed`` parameter to the patch tokens, which promotes the
+    token stream to fp32 under autocast; matmuls run in half precision, every residual sum in fp32."""
+    import reference_original as original
+
+    class FusedAttention(original.Attention):  # timm's fused path, which the original SiT runs
+        def forward(self, x):
+            b, n, d = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
+
+    from diffusers_repae.conversion.sit import original_to_diffusers_key
+
+    reference = original.OriginalSiT(input_size=8, hidden_size=64, depth=3, num_heads=4, num_classes=10)
+    for block in reference.blocks:
+        fused = FusedAttention(64, 4)
+        fused.load_state_dict(block.attn.state_dict())
+        block.attn = fused
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if name != "pos_embed":
+                param.normal_(std=0.1)
+    model = SiTTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, hidden_size=64, num_layers=3, num_attention_heads=4, num_classes=10
+    ).eval()
+    converted = {original_to_diffusers_key(k): v for k, v in reference.state_dict().items()}
+    model.load_state_dict({k: v for k, v in converted.items() if k is not None})
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([0.2, 0.9]), torch.tensor([1, 10])
+
+    block_dtypes = []
+    hooks = [b.register_forward_hook(lambda m, i, o: block_dtypes.append(o.dtype)) for b in model.transformer_blocks]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, t, y, return_hidden_states_at=2)
+        expected, _ = reference(x, t, y)
+        reference.pos_embed.data = reference.pos_embed.data.bfloat16()  # what a half-precision stream gives
+        half_stream, _ = reference(x, t, y)
+    for hook in hooks:
+        hook.remove()
+    assert block_dtypes == [torch.float32] * 3 and out.hidden_states.dtype == torch.float32
+    torch.testing.assert_close(out.sample.float(), expected.float(), atol=1e-6, rtol=0)
+    assert (half_stream.float() - expected.float()).abs().max() > 1e-3  # the check can tell the two apart
+    # without autocast, half-precision weights keep one dtype throughout (no fp32 promotion, no dtype clash)
+    with torch.no_grad():
+        assert model.to(torch.bfloat16)(x.bfloat16(), t, y).sample.dtype == torch.bfloat16

@@ -284,7 +284,10 @@ class SiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         cond = self.embed_conditioning(timestep, class_labels, drop_labels=drop_labels, dtype=hidden_states.dtype)
 
         x = self.patch_embed(hidden_states).flatten(2).transpose(1, 2)
-        x = x + self.pos_embed.to(x.dtype)
+        # As in the original, where pos_embed is an fp32 parameter: under autocast the fp32 buffer promotes the
+        # token stream, so every residual sum stays fp32 while the blocks' matmuls run in half precision.
+        pos_embed = self.pos_embed if torch.is_autocast_enabled(x.device.type) else self.pos_embed.to(x.dtype)
+        x = x + pos_embed
         last_block = return_hidden_states_at if align_only else num_layers
         aligned = None
         for index, block in enumerate(self.transformer_blocks[:last_block]):
