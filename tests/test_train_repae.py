@@ -245,10 +245,7 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     out = {}
     for path in sorted(folder.glob("*.safetensors")):
         out.update({f"{path.name}:{k}": v for k, v in load_file(path).items()})
-    for path in sorted(folder.glob("custom_checkpoint_*.pkl")):  # BN, EMA, step RNG
-        state = torch.load(path, weights_only=True)
-        flat = state.get("model", state) if isinstance(state, dict) else state
-        out.update({f"{path.name}:{k}": v for k, v in flat.items() if isinstance(v, torch.Tensor)})
+    assert not list(folder.glob("custom_checkpoint_*.pkl"))  # project state is safetensors + JSON, not pickled
     return out
 
 
@@ -273,7 +270,8 @@ def test_resume_is_bit_identical_and_export_loads(tiny_setup, tmp_path):
 
     # the exported folder is a complete pipeline: EMA SiT + VAE with the EMA BN statistics
     pipe = RepaEPipeline.from_pretrained(straight)
-    ema = torch.load(straight / "checkpoint-4" / "custom_checkpoint_1.pkl", weights_only=True)["model"]
+    ema = load_file(straight / "checkpoint-4" / "project_state.safetensors")
+    ema = {k.removeprefix("ema.model."): v for k, v in ema.items() if k.startswith("ema.model.")}
     torch.testing.assert_close(
         torch.tensor(pipe.vae.config.latents_std, dtype=torch.float64),
         ema["latent_norm.running_var"].double().sqrt(),
@@ -326,11 +324,11 @@ def test_two_processes(tiny_setup, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     assert (out / "model_index.json").is_file() and (out / "checkpoint-2").is_dir()
-    rng = torch.load(out / "checkpoint-2" / "custom_checkpoint_2.pkl", weights_only=True)["states"]
+    state = load_file(out / "checkpoint-2" / "project_state.safetensors")
+    rng = state["generators.states"]
     assert rng.shape[0] == 2 and not torch.equal(rng[0], rng[1])  # per-process noise streams
     # per-process batch 2: each process saw its own shard, and the synchronised BN counted one batch per step
-    bn = torch.load(out / "checkpoint-2" / "custom_checkpoint_0.pkl", weights_only=True)
-    assert bn["num_batches_tracked"].item() == 2
+    assert state["latent_norm.num_batches_tracked"].item() == 2
 
 
 class _ExplodingState:

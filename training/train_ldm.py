@@ -37,6 +37,8 @@ from diffusers_repae.training.checkpointing import (
     LossHistory,
     PerProcessState,
     ProcessGenerators,
+    RunSettings,
+    register_checkpoint_state,
 )
 from diffusers_repae.training.data import add_data_args, build_dataloader, training_data_from_args
 from diffusers_repae.training.ema import ModelEMA
@@ -321,9 +323,14 @@ def main(argv: list[str] | None = None) -> Path:
     models.ema = ModelEMA(ema_target(accelerator, models), decay=args.ema_decay)
     generators = ProcessGenerators(accelerator, args.seed)
     history = LossHistory()
-    accelerator.register_for_checkpointing(models.ema, generators, history)
+    # saved as safetensors + JSON with each checkpoint (nothing pickled); the settings are checked on resume
+    settings = RunSettings(
+        recipe=str(args.pretrained_model_name_or_path or args.recipe), resolution=args.resolution,
+        num_classes=len(id2label), lora_rank=args.lora_rank,
+    )  # fmt: skip
+    register_checkpoint_state(accelerator, run=settings, ema=models.ema, generators=generators, history=history)
     if data.streaming:
-        accelerator.register_for_checkpointing(PerProcessState(accelerator, data.dataset))
+        register_checkpoint_state(accelerator, stream=PerProcessState(accelerator, data.dataset))
     hp = RepaEHyperParameters(
         encoder_depth=args.encoder_depth,
         proj_coeff=args.proj_coeff,

@@ -1,19 +1,34 @@
-"""Crash-safe accelerate checkpoints and the extra state an exact resume needs.
+"""Crash-safe accelerate checkpoints that load without executing code, and the extra state an exact resume needs.
 
 ``accelerator.save_state`` writes into a folder in place: a crash half-way leaves a broken ``checkpoint-N``
 and, with diffusers' usual rotate-then-save order, the previous one already deleted. Here the state goes to a
 hidden temporary folder that is renamed to ``checkpoint-N`` only when complete, and old checkpoints are removed
 only after that.
+
+Safe loading: accelerate pickles objects registered with ``register_for_checkpointing`` and unpickles them with
+``weights_only=False`` (a downloaded checkpoint could run code). The project's own state (EMA, latent BN, random
+streams, loss history, stream positions, the run's settings) is therefore registered with
+`register_checkpoint_state` instead and written as ``project_state.safetensors`` + ``project_state.json``.
+`load_checkpoint` first opens every file of the folder safely (safetensors headers, ``torch.load`` with
+``weights_only=True`` and the explicit `ALLOWED_GLOBALS`), refusing anything else with a `CheckpointError`, then
+lets accelerate load its own files through the same restricted loader.
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
+import json
 import re
 import shutil
+import weakref
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
+
+from ..cli import UserError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
@@ -31,20 +46,27 @@ def checkpoint_step(path: str | Path) -> int:
     """The global step encoded in a ``checkpoint-N`` folder name."""
     match = CHECKPOINT_PATTERN.match(Path(path).name)
     if match is None:
-        raise ValueError(f"resume_from_checkpoint {str(path)!r} is not a folder named checkpoint-<step>.")
+        raise UserError(f"--resume_from_checkpoint {str(path)!r} is not a folder named checkpoint-<step>.")
     return int(match.group(1))
 
 
 def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path) -> Path | None:
-    """``None`` -> None; ``"latest"`` -> newest complete checkpoint in ``output_dir`` (None if there is none)."""
+    """``None`` -> None; ``"latest"`` -> newest complete checkpoint in ``output_dir`` (None if there is none);
+    a path, or a checkpoint name inside ``output_dir`` (``checkpoint-2``, as diffusers' examples accept)."""
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
         checkpoints = list_checkpoints(output_dir)
         return checkpoints[-1] if checkpoints else None
     path = Path(resume_from_checkpoint)
+    if not path.is_dir() and (Path(output_dir) / resume_from_checkpoint).is_dir():
+        path = Path(output_dir) / resume_from_checkpoint
     if not path.is_dir():
-        raise ValueError(f"resume_from_checkpoint {resume_from_checkpoint!r} is not a folder (or 'latest').")
+        available = [p.name for p in list_checkpoints(output_dir)]
+        raise UserError(
+            f"--resume_from_checkpoint {resume_from_checkpoint!r} is neither a folder nor a checkpoint in "
+            f"--output_dir {str(output_dir)!r} (available: {available or 'none'}; or pass 'latest')."
+        )
     checkpoint_step(path)
     return path
 
@@ -88,6 +110,206 @@ def remove_incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
     for path in removed:
         shutil.rmtree(path)
     return removed
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be loaded safely or does not fit this run; the message says which file and why."""
+
+
+# What ``torch.load(weights_only=True)`` may rebuild besides tensors and plain containers: numpy arrays and dtypes
+# (accelerate's random_states_*.pkl hold numpy's RNG state) and ``codecs.encode`` (how numpy bytes are pickled).
+ALLOWED_GLOBALS = [
+    (getattr(np, "_core", None) or np.core).multiarray._reconstruct,
+    np.ndarray,
+    np.dtype,
+    codecs.encode,
+] + ([np.dtypes.UInt32DType] if hasattr(np, "dtypes") else [])
+PROJECT_STATE = "project_state"  # .json (structure, numbers, strings) + .safetensors (tensors)
+PICKLED_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")
+
+
+def safe_torch_load(path, map_location=None, **kwargs):
+    """``torch.load`` with ``weights_only=True`` and only `ALLOWED_GLOBALS`, whatever the caller asks for."""
+    kwargs.pop("weights_only", None)
+    with torch.serialization.safe_globals(ALLOWED_GLOBALS):
+        return torch.load(path, map_location=map_location, weights_only=True, **kwargs)
+
+
+def verify_checkpoint_files(folder: str | Path) -> None:
+    """Opens every file of a checkpoint folder without executing anything; `CheckpointError` on the first that
+    holds pickled objects outside `ALLOWED_GLOBALS`, is damaged, or is accelerate's unsafe custom state."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    legacy = sorted(p.name for p in folder.glob("custom_checkpoint_*.pkl"))
+    if legacy:
+        raise CheckpointError(
+            f"checkpoint {str(folder)!r} holds accelerate custom state ({', '.join(legacy)}), which accelerate "
+            "unpickles with code execution; it is not loaded. Resume from a checkpoint written by this version."
+        )
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt") as handle:
+                    handle.keys()
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+            elif path.suffix in PICKLED_SUFFIXES:
+                try:
+                    safe_torch_load(path, map_location="cpu", mmap=True)  # checks the pickle, reads no weights
+                except RuntimeError as error:
+                    if "mmap" not in str(error):
+                        raise
+                    safe_torch_load(path, map_location="cpu")
+        except Exception as error:  # noqa: BLE001 - every failure to open is reported the same way
+            unsafe = "weights only load failed" in str(error).lower() or "unsupported global" in str(error).lower()
+            why = "holds pickled objects outside the allowed tensors and numbers (nothing was executed)"
+            reason = why if unsafe else f"is damaged or not a checkpoint file ({type(error).__name__})"
+            raise CheckpointError(
+                f"checkpoint file {str(path)!r} {reason}; refusing to resume from it. Resume from another checkpoint."
+            ) from None
+
+
+def _encode(value, tensors: dict[str, torch.Tensor], key: str):
+    """A nested state (dicts with string keys, lists, tuples, tensors, numbers, strings, None) -> JSON tree."""
+    if isinstance(value, torch.Tensor):
+        tensors[key] = value.detach().to("cpu", copy=True).contiguous()
+        return {"__tensor__": key}
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) and not k.startswith("__") for k in value):
+            raise TypeError(f"checkpoint state {key!r}: only string keys not starting with '__' are supported.")
+        return {k: _encode(v, tensors, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_encode(v, tensors, f"{key}.{i}") for i, v in enumerate(value)]
+        return {"__tuple__": items} if isinstance(value, tuple) else items
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"checkpoint state {key!r}: {type(value).__name__} cannot be saved safely.")
+
+
+def _decode(tree, tensors: dict[str, torch.Tensor]):
+    if isinstance(tree, dict):
+        if "__tensor__" in tree:
+            return tensors[tree["__tensor__"]]
+        if "__tuple__" in tree:
+            return tuple(_decode(v, tensors) for v in tree["__tuple__"])
+        return {k: _decode(v, tensors) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_decode(v, tensors) for v in tree]
+    return tree
+
+
+def save_project_state(objects: dict, folder: str | Path, write: bool = True) -> None:
+    """``state_dict()`` of every named object (on every process: some gather) -> ``project_state.{json,safetensors}``
+    in ``folder``, written when ``write`` (the main process)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    tree = {name: _encode(obj.state_dict(), tensors, name) for name, obj in objects.items()}
+    if write:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(folder / f"{PROJECT_STATE}.safetensors"), metadata={"format": "pt"})
+        (folder / f"{PROJECT_STATE}.json").write_text(json.dumps(tree, indent=1))
+
+
+def read_project_state(folder: str | Path) -> dict:
+    """The states `save_project_state` wrote, by object name (safetensors + JSON: nothing is unpickled)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    files = [folder / f"{PROJECT_STATE}.json", folder / f"{PROJECT_STATE}.safetensors"]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {str(folder)!r} is incomplete: {', '.join(missing)} missing.")
+    return _decode(json.loads(files[0].read_text()), load_file(str(files[1])))
+
+
+_REGISTERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def register_checkpoint_state(accelerator: Accelerator, **objects) -> None:
+    """Saves these objects (``state_dict``/``load_state_dict``) with every ``save_state`` as safetensors + JSON, and
+    `load_checkpoint` restores them; the safe replacement for ``accelerator.register_for_checkpointing``.
+
+    An object with a ``check_resume(state)`` method (e.g. `RunSettings`) is checked before anything is loaded.
+    """
+    first = accelerator not in _REGISTERED
+    registry = _REGISTERED.setdefault(accelerator, {})
+    clash = set(registry) & set(objects)
+    if clash:
+        raise ValueError(f"checkpoint state names registered twice: {sorted(clash)}")
+    registry.update(objects)
+    if first:
+
+        def save_hook(models, weights, output_dir):
+            save_project_state(registry, output_dir, write=accelerator.is_main_process)
+
+        accelerator.register_save_state_pre_hook(save_hook)
+
+
+def load_checkpoint(accelerator: Accelerator, folder: str | Path) -> None:
+    """Resumes from ``folder``: verifies every file (`verify_checkpoint_files`), checks the run's settings, restores
+    the registered project state, then accelerate's models/optimizers/RNG with the restricted loader."""
+    import accelerate.checkpointing
+
+    folder = Path(folder)
+    verify_checkpoint_files(folder)
+    registry = _REGISTERED.get(accelerator, {})
+    state = read_project_state(folder) if registry or (folder / f"{PROJECT_STATE}.json").exists() else {}
+    missing = sorted(set(registry) - set(state))
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {str(folder)!r} lacks the state of {missing}: it is from another kind of run."
+        )
+    for name, obj in registry.items():
+        if hasattr(obj, "check_resume"):
+            obj.check_resume(state[name])
+    for name, obj in registry.items():
+        obj.load_state_dict(state[name])
+    patch = contextlib.ExitStack()
+    with patch:
+        original = accelerate.checkpointing.load
+        accelerate.checkpointing.load = safe_torch_load
+        patch.callback(setattr, accelerate.checkpointing, "load", original)
+        try:
+            accelerator.load_state(str(folder))
+        except (RuntimeError, KeyError) as error:  # e.g. size mismatches: the checkpoint is of another model
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CheckpointError(
+                f"checkpoint {str(folder)!r} does not fit this run's models ({first_line[:300]}); resume with the "
+                "settings it was trained with."
+            ) from None
+
+
+class RunSettings:
+    """The settings a run cannot change on resume (recipe, resolution, class count...), saved in each checkpoint.
+
+    ``check_resume`` raises one sentence naming every setting that differs.
+    """
+
+    def __init__(self, **settings):
+        self.settings = {k: v for k, v in settings.items()}
+
+    def state_dict(self) -> dict:
+        return dict(self.settings)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass  # nothing to restore: check_resume compared them
+
+    def check_resume(self, saved: dict) -> None:
+        diffs = [
+            f"{k} {saved.get(k)!r} in the checkpoint, {v!r} now"
+            for k, v in self.settings.items()
+            if k in saved and saved[k] != v
+        ]
+        if diffs:
+            raise CheckpointError(
+                f"cannot resume: the checkpoint was trained with other settings ({'; '.join(diffs)}). Use the same "
+                "settings, or start a new run in another --output_dir."
+            )
 
 
 class ProcessGenerators:

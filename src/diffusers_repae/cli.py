@@ -1,0 +1,90 @@
+"""The one wrapper every command-line script runs its ``main`` through.
+
+User errors (bad paths, values, formats, missing offline weights, Hub ids while offline) end with one line
+``error: ...`` on stderr and exit status 2, like argparse's own errors; anything else is a bug and keeps its
+traceback. ``REPAE_TRACEBACK=1`` shows the traceback of user errors too.
+
+    from diffusers_repae.cli import run_cli
+
+    if __name__ == "__main__":
+        run_cli(main)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+OFFLINE_HINT = (
+    " Offline (HF_HUB_OFFLINE=1) only local folders load: pass a local path (for vision encoders "
+    "--encoder_paths NAME=PATH)."
+)
+
+
+class UserError(ValueError):
+    """A mistake in what the user asked for; the message says what is wrong and what to do."""
+
+
+def _hub_error_types() -> tuple[type[BaseException], ...]:
+    try:
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+        return (HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled)
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        return ()
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """The one-line message of a user error, or None when ``error`` is a bug (to be shown with its traceback)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    hub_errors = _hub_error_types()
+    if hub_errors and isinstance(error, hub_errors):
+        return text + OFFLINE_HINT
+    if isinstance(error, (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)):
+        return text
+    if isinstance(error, PermissionError):
+        return text
+    if isinstance(error, OSError) and any(
+        hint in text.lower() for hint in ("huggingface.co", "offline", "couldn't connect", "is not a local folder")
+    ):
+        return text + OFFLINE_HINT
+    if type(error).__name__ == "SafetensorError":  # a damaged .safetensors file
+        return f"a .safetensors file is damaged or not a safetensors file ({text})."
+    return None
+
+
+def run_cli(main: Callable[..., object], argv: list[str] | None = None) -> None:
+    """Runs ``main(argv)`` (``main()`` when argv is None); user errors -> ``error: ...`` and exit 2."""
+    try:
+        result = main() if argv is None else main(argv)
+    except KeyboardInterrupt:
+        print("error: interrupted.", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as error:  # noqa: BLE001 - sorted into user errors and bugs below
+        message = user_error_message(error)
+        if message is None or os.environ.get("REPAE_TRACEBACK") == "1":
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if isinstance(result, int) and not isinstance(result, bool):
+        raise SystemExit(result)
+
+
+def refuse_overwrite(
+    path: str | Path, flag: str, inputs: dict[str, str | Path | None] | None = None, overwrite: bool = False
+) -> None:
+    """Refuses to write ``path`` (given by ``flag``) over or inside one of ``inputs`` ({flag: path}), always, and
+    over an existing file or non-empty folder unless ``overwrite`` (the script's ``--overwrite``)."""
+    target = Path(path).resolve()
+    for name, source in (inputs or {}).items():
+        if source is None or not Path(source).exists():
+            continue
+        source = Path(source).resolve()
+        if target == source or source.is_relative_to(target) or (source.is_dir() and target.is_relative_to(source)):
+            raise UserError(
+                f"{flag} {str(path)!r} would overwrite the input {name} {str(source)!r}: choose another path."
+            )
+    if not overwrite and (target.is_file() or (target.is_dir() and any(target.iterdir()))):
+        raise UserError(f"{flag} {str(path)!r} already exists and is not empty: pass --overwrite to replace it.")
