@@ -18,20 +18,15 @@ from pathlib import Path
 
 import torch
 from accelerate.logging import get_logger
-from diffusers import AutoencoderKL
 
-from diffusers_repae import LatentBatchNorm, RepaEPipeline, build_component, load_component_config, resolve_recipe
-from diffusers_repae.models.discriminator import PatchGANDiscriminator
+from diffusers_repae import LatentBatchNorm, RepaEPipeline, build_component, load_component_config
 from diffusers_repae.training.checkpointing import (
     LossHistory,
     PerProcessState,
     ProcessGenerators,
-    RunSettings,
-    register_checkpoint_state,
 )
 from diffusers_repae.training.data import add_data_args, build_dataloader, training_data_from_args
 from diffusers_repae.training.ema import ModelEMA
-from diffusers_repae.training.losses import VAEReconstructionLoss, load_lpips
 from diffusers_repae.training.repae_step import (
     RepaEHyperParameters,
     RepaEModels,
@@ -41,8 +36,13 @@ from diffusers_repae.training.repae_step import (
 )
 from diffusers_repae.training.trainer import (
     add_sit_training_args,
+    add_vae_loss_args,
+    build_vae_loss,
     check_sit_training_args,
+    check_vae_loss_args,
     latent_size,
+    load_starting_discriminator,
+    load_starting_vae,
     log_validation,
     make_adamw,
     parse_encoder_paths,
@@ -77,84 +77,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "initialise the latent BatchNorm.",
     )
     parser.add_argument(
-        "--discriminator_checkpoint",
-        type=str,
-        default=None,
-        help="Starting discriminator: a PatchGANDiscriminator folder (save_pretrained) or a .safetensors file.",
-    )
-    parser.add_argument("--disc_ndf", type=int, default=64, help="Channels of the discriminator's first conv.")
-    parser.add_argument("--disc_layers", type=int, default=3, help="Strided blocks of the PatchGAN discriminator.")
-    # REPA-E objective
-    parser.add_argument(
         "--vae_align_proj_coeff", type=float, default=1.5, help="Alignment weight in the VAE loss (end-to-end)."
     )
     parser.add_argument("--bn_momentum", type=float, default=0.1, help="Momentum of the latent BatchNorm.")
-    # VAE losses
-    parser.add_argument("--l1_weight", type=float, default=1.0, help="Weight of the L1 reconstruction loss.")
-    parser.add_argument(
-        "--lpips_weight",
-        type=float,
-        default=1.0,
-        help="Weight of the LPIPS (VGG) perceptual loss; 0 drops it (needs no VGG weights).",
-    )
-    parser.add_argument(
-        "--no_lpips",
-        action="store_true",
-        help="Drop the perceptual term (same as --lpips_weight 0), e.g. offline without torchvision's VGG16.",
-    )
-    parser.add_argument(
-        "--lpips_vgg_path",
-        type=str,
-        default=None,
-        help="Local torchvision vgg16 state dict (.pth/.safetensors) for LPIPS, instead of downloading it.",
-    )
-    parser.add_argument("--kl_weight", type=float, default=1e-6, help="Weight of the KL term.")
-    parser.add_argument("--disc_weight", type=float, default=0.1, help="Weight of the generator's GAN term.")
-    parser.add_argument("--disc_start", type=int, default=0, help="Step from which the GAN terms are active.")
-    parser.add_argument("--disc_factor", type=float, default=1.0, help="Factor on the GAN terms once active.")
-    parser.add_argument("--vae_learning_rate", type=float, default=1e-4, help="AdamW learning rate of the VAE.")
-    parser.add_argument(
-        "--disc_learning_rate", type=float, default=1e-4, help="AdamW learning rate of the discriminator."
-    )
+    add_vae_loss_args(parser)
     add_sit_training_args(parser, tracker_project_name="train_repae")
     add_data_args(parser)
     args = parser.parse_args(argv)
 
-    if args.no_lpips:
-        args.lpips_weight = 0.0
+    check_vae_loss_args(args)
     check_sit_training_args(args)
     return args
-
-
-def load_starting_vae(args: argparse.Namespace) -> AutoencoderKL:
-    """``--vae`` (an AutoencoderKL folder or a pipeline folder) or the recipe's VAE with random weights."""
-    if args.vae is None:
-        return build_component(args.recipe, "vae")
-    path = Path(args.vae)
-    if (path / "vae" / "config.json").is_file():
-        return AutoencoderKL.from_pretrained(path, subfolder="vae")
-    if (path / "config.json").is_file():
-        return AutoencoderKL.from_pretrained(path)
-    try:
-        return build_component(resolve_recipe(args.vae), "vae")  # a recipe name: random weights of that config
-    except ValueError as error:
-        raise ValueError(f"--vae {args.vae!r} is neither an AutoencoderKL folder nor a recipe.") from error
-
-
-def load_starting_discriminator(args: argparse.Namespace) -> PatchGANDiscriminator:
-    """``--discriminator_checkpoint`` (folder or .safetensors) or a fresh PatchGAN."""
-    path = args.discriminator_checkpoint
-    if path is None:
-        return PatchGANDiscriminator(ndf=args.disc_ndf, n_layers=args.disc_layers)
-    if Path(path).is_dir():
-        return PatchGANDiscriminator.from_pretrained(path)
-    if path.endswith(".safetensors") and Path(path).is_file():
-        from safetensors.torch import load_file
-
-        disc = PatchGANDiscriminator(ndf=args.disc_ndf, n_layers=args.disc_layers)
-        disc.load_state_dict(load_file(path))
-        return disc
-    raise ValueError(f"--discriminator_checkpoint {path!r} is neither a folder nor a .safetensors file.")
 
 
 def build_pipeline(args, accelerator, models: RepaEModels, data) -> RepaEPipeline:
@@ -263,20 +196,7 @@ def main(argv: list[str] | None = None) -> Path:
         latent_norm = torch.nn.SyncBatchNorm.convert_sync_batchnorm(latent_norm)
     latent_norm.to(accelerator.device)
 
-    lpips = None
-    if args.lpips_weight != 0:
-        try:
-            lpips = load_lpips(args.lpips_vgg_path).to(accelerator.device)
-        except Exception as error:  # the download of torchvision's VGG16 fails offline
-            raise RuntimeError(
-                "could not load LPIPS' VGG16 backbone; pass --lpips_vgg_path to a local torchvision vgg16 state "
-                "dict, or drop the perceptual term with --no_lpips."
-            ) from error
-    else:
-        logger.warning("LPIPS perceptual loss DISABLED (--lpips_weight 0 / --no_lpips).")
-    vae_loss = VAEReconstructionLoss(
-        lpips, args.l1_weight, args.lpips_weight, args.kl_weight, args.disc_weight, args.disc_start, args.disc_factor
-    )
+    vae_loss = build_vae_loss(args, accelerator.device)
 
     vae_module = VAEWithPosterior(vae)
     optimizer_vae = make_adamw(args, vae_module.parameters(), args.vae_learning_rate)
@@ -310,13 +230,9 @@ def main(argv: list[str] | None = None) -> Path:
     generators = ProcessGenerators(accelerator, args.seed)
     history = LossHistory()
     # The latent BN has no parameters (DDP refuses it), so it is registered like the EMA and the RNG streams.
-    # saved as safetensors + JSON with each checkpoint (nothing pickled); the settings are checked on resume
-    settings = RunSettings(recipe=str(args.recipe), resolution=args.resolution, num_classes=data.num_classes)
-    register_checkpoint_state(
-        accelerator, run=settings, latent_norm=latent_norm, ema=models.ema, generators=generators, history=history
-    )
+    accelerator.register_for_checkpointing(latent_norm, models.ema, generators, history)
     if data.streaming:
-        register_checkpoint_state(accelerator, stream=PerProcessState(accelerator, data.dataset))
+        accelerator.register_for_checkpointing(PerProcessState(accelerator, data.dataset))
     hp = RepaEHyperParameters(
         encoder_depth=args.encoder_depth,
         proj_coeff=args.proj_coeff,

@@ -1,4 +1,4 @@
-"""What train_repae.py and train_ldm.py share: their common flags, the step loop, validation grids and export.
+"""What the training scripts share: their common flags, the step loop, validation grids and export.
 
 The scripts stay linear (diffusers-examples style); this module holds the pieces that would otherwise be
 copied between them. Nothing here reads ``sys.argv``: the flag helpers only add arguments to a parser.
@@ -18,21 +18,22 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
+from ..models.discriminator import PatchGANDiscriminator
 from ..models.latent_norm import LatentBatchNorm
-from ..recipes import resolve_recipe
+from ..recipes import build_component, resolve_recipe
 from .checkpointing import (
     LossHistory,
     all_finite,
     checkpoint_step,
-    load_checkpoint,
     remove_incomplete_checkpoints,
     resolve_resume_checkpoint,
     save_checkpoint,
 )
 from .data import TrainingData
-from .losses import PATH_TYPES, WEIGHTINGS
+from .losses import PATH_TYPES, WEIGHTINGS, VAEReconstructionLoss, load_lpips
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ SAMPLING_DEFAULT_KEYS = ("default_num_inference_steps", "default_guidance_scale"
 
 
 def add_sit_training_args(parser: argparse.ArgumentParser, tracker_project_name: str) -> argparse.ArgumentParser:
-    """Flags of the SiT side of training (encoders, REPA objective, optimisation, checkpoints, logging).
+    """Flags of the SiT side of training (encoders, REPA objective) plus `add_run_args`.
 
     Defaults are the original's (SPEC sections 6-7).
     """
@@ -76,6 +77,27 @@ def add_sit_training_args(parser: argparse.ArgumentParser, tracker_project_name:
         "--weighting", type=str, default="uniform", choices=WEIGHTINGS, help="Training time distribution."
     )
 
+    opt, log = add_run_args(parser, tracker_project_name)
+    opt.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate of the SiT.")
+    opt.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay of the SiT and BN statistics.")
+    opt.add_argument("--compile", action="store_true", help="torch.compile the SiT.")
+    log.add_argument(
+        "--num_validation_classes", type=int, default=16, help="Classes in the validation grid (one image each)."
+    )
+    log.add_argument(
+        "--validation_inference_steps", type=int, default=None, help="Sampler steps (default: the recipe's)."
+    )
+    log.add_argument(
+        "--validation_guidance_scale", type=float, default=None, help="CFG scale for validation (default: recipe)."
+    )
+    return parser
+
+
+def add_run_args(parser: argparse.ArgumentParser, tracker_project_name: str) -> tuple:
+    """Flags every training script has (output, batch, steps, AdamW, precision, checkpoints, logging).
+
+    Returns the ``(optimisation, logging)`` argument groups so a script can add its own flags to them.
+    """
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--output_dir", type=str, default="repae-output", help="Checkpoints, logs and the pipeline.")
     opt.add_argument("--seed", type=int, default=0, help="Seed (model init, data order; +rank for step noise).")
@@ -94,13 +116,11 @@ def add_sit_training_args(parser: argparse.ArgumentParser, tracker_project_name:
         "hardware. Off by default.",
     )
     opt.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
-    opt.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate of the SiT.")
     opt.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1 (every optimiser).")
     opt.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2 (every optimiser).")
     opt.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay (every optimiser).")
     opt.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon (every optimiser).")
     opt.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (each model).")
-    opt.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay of the SiT and BN statistics.")
     opt.add_argument(
         "--mixed_precision",
         type=str,
@@ -110,7 +130,6 @@ def add_sit_training_args(parser: argparse.ArgumentParser, tracker_project_name:
         "'no' on CPU.",
     )
     opt.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls/convolutions on Ampere+.")
-    opt.add_argument("--compile", action="store_true", help="torch.compile the SiT.")
     opt.add_argument(
         "--dataloader_num_workers", type=int, default=4, help="DataLoader worker processes (0: main process)."
     )
@@ -134,31 +153,135 @@ def add_sit_training_args(parser: argparse.ArgumentParser, tracker_project_name:
     log.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder inside --output_dir.")
     log.add_argument("--tracker_project_name", type=str, default=tracker_project_name, help="Tracker project name.")
     log.add_argument(
-        "--validation_steps", type=int, default=10_000, help="Sample a validation grid from the EMA every N steps."
+        "--validation_steps",
+        type=int,
+        default=10_000,
+        help="Write validation images (samples of the EMA model; train_vae.py: reconstructions) every N steps.",
     )
-    log.add_argument(
-        "--num_validation_classes", type=int, default=16, help="Classes in the validation grid (one image each)."
-    )
-    log.add_argument(
-        "--validation_inference_steps", type=int, default=None, help="Sampler steps (default: the recipe's)."
-    )
-    log.add_argument(
-        "--validation_guidance_scale", type=float, default=None, help="CFG scale for validation (default: recipe)."
-    )
-    return parser
+    return opt, log
 
 
 def check_sit_training_args(args: argparse.Namespace) -> None:
     """Bad values of the shared flags, each a ValueError naming the flag, the value and what is allowed."""
+    check_run_args(args)
+    if not 0.0 <= args.ema_decay <= 1.0:
+        raise ValueError(f"--ema_decay must be in [0, 1], got {args.ema_decay}.")
+    if not 0.0 <= args.cfg_prob < 1.0:
+        raise ValueError(f"--cfg_prob must be in [0, 1), got {args.cfg_prob}.")
+
+
+def check_run_args(args: argparse.Namespace) -> None:
+    """Bad values of the `add_run_args` flags, each a ValueError naming the flag."""
     for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise ValueError(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}.")
-    if not 0.0 <= args.ema_decay <= 1.0:
-        raise ValueError(f"--ema_decay must be in [0, 1], got {args.ema_decay}.")
-    if not 0.0 <= args.cfg_prob < 1.0:
-        raise ValueError(f"--cfg_prob must be in [0, 1), got {args.cfg_prob}.")
+
+
+def add_vae_loss_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags of the VAE's losses and discriminator (train_repae.py and train_vae.py); defaults are REPA-E's."""
+    group = parser.add_argument_group("VAE losses and discriminator")
+    group.add_argument("--l1_weight", type=float, default=1.0, help="Weight of the L1 reconstruction loss.")
+    group.add_argument(
+        "--lpips_weight",
+        type=float,
+        default=1.0,
+        help="Weight of the LPIPS (VGG) perceptual loss; 0 drops it (needs no VGG weights).",
+    )
+    group.add_argument(
+        "--no_lpips",
+        action="store_true",
+        help="Drop the perceptual term (same as --lpips_weight 0), e.g. offline without torchvision's VGG16.",
+    )
+    group.add_argument(
+        "--lpips_vgg_path",
+        type=str,
+        default=None,
+        help="Local torchvision vgg16 state dict (.pth/.safetensors) for LPIPS, instead of downloading it.",
+    )
+    group.add_argument("--kl_weight", type=float, default=1e-6, help="Weight of the KL term.")
+    group.add_argument("--disc_weight", type=float, default=0.1, help="Weight of the generator's GAN term.")
+    group.add_argument("--disc_start", type=int, default=0, help="Step from which the GAN terms are active.")
+    group.add_argument("--disc_factor", type=float, default=1.0, help="Factor on the GAN terms once active.")
+    group.add_argument(
+        "--adaptive_disc_weight",
+        action="store_true",
+        help="Scale the GAN term by taming/LDM's adaptive weight (gradient-norm ratio of the reconstruction and GAN "
+        "losses at the decoder's last layer, times --disc_weight). REPA-E does not (off by default).",
+    )
+    group.add_argument(
+        "--discriminator_checkpoint",
+        type=str,
+        default=None,
+        help="Starting discriminator: a PatchGANDiscriminator folder (save_pretrained) or a .safetensors file.",
+    )
+    group.add_argument("--disc_ndf", type=int, default=64, help="Channels of the discriminator's first conv.")
+    group.add_argument("--disc_layers", type=int, default=3, help="Strided blocks of the PatchGAN discriminator.")
+    group.add_argument("--vae_learning_rate", type=float, default=1e-4, help="AdamW learning rate of the VAE.")
+    group.add_argument(
+        "--disc_learning_rate", type=float, default=1e-4, help="AdamW learning rate of the discriminator."
+    )
+    return parser
+
+
+def check_vae_loss_args(args: argparse.Namespace) -> None:
+    """``--no_lpips`` means ``--lpips_weight 0``; negative weights and steps are refused."""
+    if args.no_lpips:
+        args.lpips_weight = 0.0
+    for name in ("l1_weight", "lpips_weight", "kl_weight", "disc_weight", "disc_factor", "disc_start"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}.")
+
+
+def build_vae_loss(args: argparse.Namespace, device: torch.device) -> VAEReconstructionLoss:
+    """The VAE loss of the `add_vae_loss_args` flags, with LPIPS loaded (or a clear error when it cannot be)."""
+    lpips = None
+    if args.lpips_weight != 0:
+        try:
+            lpips = load_lpips(args.lpips_vgg_path).to(device)
+        except Exception as error:  # the download of torchvision's VGG16 fails offline
+            raise RuntimeError(
+                "could not load LPIPS' VGG16 backbone; pass --lpips_vgg_path to a local torchvision vgg16 state "
+                "dict, or drop the perceptual term with --no_lpips."
+            ) from error
+    else:
+        logger.warning("LPIPS perceptual loss DISABLED (--lpips_weight 0 / --no_lpips).")
+    return VAEReconstructionLoss(
+        lpips, args.l1_weight, args.lpips_weight, args.kl_weight, args.disc_weight, args.disc_start, args.disc_factor,
+        args.adaptive_disc_weight,
+    )  # fmt: skip
+
+
+def load_starting_vae(args: argparse.Namespace) -> AutoencoderKL:
+    """``--vae`` (an AutoencoderKL folder or a pipeline folder) or the ``--recipe``'s VAE with random weights."""
+    if args.vae is None:
+        return build_component(args.recipe, "vae")
+    path = Path(args.vae)
+    if (path / "vae" / "config.json").is_file():
+        return AutoencoderKL.from_pretrained(path, subfolder="vae")
+    if (path / "config.json").is_file():
+        return AutoencoderKL.from_pretrained(path)
+    try:
+        return build_component(resolve_recipe(args.vae), "vae")  # a recipe name: random weights of that config
+    except ValueError as error:
+        raise ValueError(f"--vae {args.vae!r} is neither an AutoencoderKL folder nor a recipe.") from error
+
+
+def load_starting_discriminator(args: argparse.Namespace) -> PatchGANDiscriminator:
+    """``--discriminator_checkpoint`` (folder or .safetensors) or a fresh PatchGAN."""
+    path = args.discriminator_checkpoint
+    if path is None:
+        return PatchGANDiscriminator(ndf=args.disc_ndf, n_layers=args.disc_layers)
+    if Path(path).is_dir():
+        return PatchGANDiscriminator.from_pretrained(path)
+    if path.endswith(".safetensors") and Path(path).is_file():
+        from safetensors.torch import load_file
+
+        disc = PatchGANDiscriminator(ndf=args.disc_ndf, n_layers=args.disc_layers)
+        disc.load_state_dict(load_file(path))
+        return disc
+    raise ValueError(f"--discriminator_checkpoint {path!r} is neither a folder nor a .safetensors file.")
 
 
 def setup_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -196,7 +319,7 @@ def resume_and_start_trackers(args: argparse.Namespace, accelerator: Accelerator
         logger.info(f"no checkpoint found in {args.output_dir}; starting a new run")
     if resume is not None:
         logger.info(f"resuming from {resume}")
-        load_checkpoint(accelerator, resume)  # safetensors/JSON and weights-only loads: runs no code
+        accelerator.load_state(str(resume))
         global_step = checkpoint_step(resume)
     if accelerator.is_main_process and args.report_to != "none":
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
