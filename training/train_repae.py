@@ -24,6 +24,8 @@ from diffusers_repae.training.checkpointing import (
     LossHistory,
     PerProcessState,
     ProcessGenerators,
+    RunSettings,
+    register_checkpoint_state,
 )
 from diffusers_repae.training.data import add_data_args, build_dataloader, training_data_from_args
 from diffusers_repae.training.ema import ModelEMA
@@ -230,9 +232,13 @@ def main(argv: list[str] | None = None) -> Path:
     generators = ProcessGenerators(accelerator, args.seed)
     history = LossHistory()
     # The latent BN has no parameters (DDP refuses it), so it is registered like the EMA and the RNG streams.
-    accelerator.register_for_checkpointing(latent_norm, models.ema, generators, history)
+    # saved as safetensors + JSON with each checkpoint (nothing pickled); the settings are checked on resume
+    settings = RunSettings(recipe=str(args.recipe), resolution=args.resolution, num_classes=data.num_classes)
+    register_checkpoint_state(
+        accelerator, run=settings, latent_norm=latent_norm, ema=models.ema, generators=generators, history=history
+    )
     if data.streaming:
-        accelerator.register_for_checkpointing(PerProcessState(accelerator, data.dataset))
+        register_checkpoint_state(accelerator, stream=PerProcessState(accelerator, data.dataset))
     hp = RepaEHyperParameters(
         encoder_depth=args.encoder_depth,
         proj_coeff=args.proj_coeff,

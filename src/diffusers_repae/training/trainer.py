@@ -28,6 +28,7 @@ from .checkpointing import (
     LossHistory,
     all_finite,
     checkpoint_step,
+    load_checkpoint,
     remove_incomplete_checkpoints,
     resolve_resume_checkpoint,
     save_checkpoint,
@@ -319,7 +320,7 @@ def resume_and_start_trackers(args: argparse.Namespace, accelerator: Accelerator
         logger.info(f"no checkpoint found in {args.output_dir}; starting a new run")
     if resume is not None:
         logger.info(f"resuming from {resume}")
-        accelerator.load_state(str(resume))
+        load_checkpoint(accelerator, resume)  # safetensors/JSON and weights-only loads: runs no code
         global_step = checkpoint_step(resume)
     if accelerator.is_main_process and args.report_to != "none":
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
