@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import importlib
 import json
+from importlib import resources
 from pathlib import Path
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "pipelines"
+# The repository's top-level pipelines/ folder, installed as this package (setup.py maps it into the wheel, and
+# editable installs map the folder itself): one copy in git, found the same way from a wheel or a checkout.
+RECIPES_PACKAGE = "diffusers_repae.recipe_folders"
+RECIPES_DIR = Path(str(resources.files(RECIPES_PACKAGE)))
 
 
 def list_recipes() -> list[str]:
-    """Names of the recipes shipped in ``pipelines/``."""
+    """Names of the recipes shipped with the package (the repository's ``pipelines/``)."""
     return sorted(p.name for p in RECIPES_DIR.iterdir() if (p / "model_index.json").is_file())
 
 
