@@ -1,5 +1,6 @@
 """RepaEPipeline: class-conditional image generation with a REPA-E SiT and its VAE (SPEC section 8)."""
 
+import inspect
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -60,8 +61,11 @@ class RepaEPipeline(DiffusionPipeline):
     Args:
         transformer ([`SiTTransformer2DModel`]): The velocity model; takes t in [0, 1] (t = 1 is noise).
         vae ([`AutoencoderKL`]): Decodes ``latents * latents_std + latents_mean`` to images in [-1, 1].
-        scheduler ([`FlowMatchEulerMaruyamaScheduler`], [`FlowMatchHeunScheduler`] or diffusers'
-            [`FlowMatchEulerDiscreteScheduler`]): The sampler; its grid is REPA-E's whatever its own defaults.
+        scheduler ([`FlowMatchEulerMaruyamaScheduler`], [`FlowMatchHeunScheduler`] or any diffusers flow-matching
+            scheduler: [`FlowMatchEulerDiscreteScheduler`], [`DPMSolverMultistepScheduler`] /
+            [`UniPCMultistepScheduler`] with ``use_flow_sigmas=True, prediction_type="flow_prediction"``): The
+            sampler. It gets REPA-E's grid through ``set_timesteps(sigmas=...)`` where it takes one (the
+            scheduler's own ``shift`` / ``flow_shift`` still applies), its own flow grid otherwise.
         id2label (`dict[str, str]`, *optional*): Class id -> comma-separated names. Defaults to the ImageNet-1k
             names when the transformer has 1000 classes (not stored then; a given mapping is stored).
         default_num_inference_steps (`int`, defaults to 250): Steps used when a call does not say.
@@ -299,8 +303,9 @@ class RepaEPipeline(DiffusionPipeline):
                 the SDE, the Brownian increments; the same generator reproduces a run.
             latents (`torch.Tensor`, *optional*): Initial noise ``[B, C, S, S]`` in normalised latent space;
                 drawn from ``generator`` when omitted.
-            sampler (`str`, *optional*): ``"sde"``, ``"euler"`` or ``"heun"`` to use a fresh scheduler of that kind
-                (built from ``pipe.scheduler.config``) for this call only; ``None`` uses ``pipe.scheduler``.
+            sampler (`str`, *optional*): ``"sde"``, ``"euler"``, ``"heun"``, ``"dpmsolver++"`` or ``"unipc"`` to use a
+                fresh scheduler of that kind (built from ``pipe.scheduler.config``, see ``scheduler_for_sampler``) for
+                this call only; ``None`` uses ``pipe.scheduler``.
             sampling_dtype (`torch.dtype`, defaults to `torch.float32`): dtype of the sampler state, velocities and
                 guidance arithmetic. ``torch.float64`` matches the original REPA-E sampler bit for bit in the
                 state (the transformer still runs in its own dtype); diffusers' Euler scheduler computes its
@@ -356,6 +361,8 @@ class RepaEPipeline(DiffusionPipeline):
         # 4. Time grid
         scheduler = self.scheduler if sampler is None else scheduler_for_sampler(sampler, self.scheduler.config)
         set_repae_timesteps(scheduler, num_inference_steps, device=device)
+        # Stochastic schedulers draw from `generator`; some of diffusers' (UniPC) take no such argument.
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         scheduler.set_begin_index(0)
         timesteps = scheduler.timesteps
         self._num_timesteps = len(timesteps)
@@ -381,7 +388,7 @@ class RepaEPipeline(DiffusionPipeline):
                     cond, uncond = velocity.chunk(2)
                     velocity = uncond + self._guidance_scale * (cond - uncond)
 
-                latents = scheduler.step(velocity, timestep, latents, generator=generator).prev_sample
+                latents = scheduler.step(velocity, timestep, latents, **step_kwargs).prev_sample
 
                 if callback_on_step_end is not None:
                     callback_kwargs = {}

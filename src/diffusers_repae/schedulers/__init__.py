@@ -2,7 +2,9 @@ from .scheduling_flow_match_euler_maruyama import FlowMatchEulerMaruyamaSchedule
 from .scheduling_flow_match_ode import (
     SAMPLERS,
     FlowMatchHeunScheduler,
+    is_flow_matching,
     repae_ode_sigmas,
+    repae_sigmas,
     scheduler_for_sampler,
     set_repae_timesteps,
 )
@@ -12,7 +14,9 @@ __all__ = [
     "FlowMatchEulerMaruyamaScheduler",
     "FlowMatchHeunScheduler",
     "FlowMatchSchedulerOutput",
+    "is_flow_matching",
     "repae_ode_sigmas",
+    "repae_sigmas",
     "scheduler_for_sampler",
     "set_repae_timesteps",
 ]

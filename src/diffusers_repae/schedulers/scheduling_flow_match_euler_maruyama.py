@@ -18,11 +18,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
+
+from .grids import given_start_times
 
 
 @dataclass
@@ -104,10 +107,23 @@ class FlowMatchEulerMaruyamaScheduler(_StepIndexMixin, SchedulerMixin, ConfigMix
         self._step_index = None
         self._begin_index = None
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        """Grid ``linspace(1, t_last, N)`` then 0 (float64 ``sigmas`` on CPU, float32 ``timesteps`` on ``device``)."""
-        check_num_inference_steps(num_inference_steps)
-        grid = torch.linspace(1.0, self.config.t_last, num_inference_steps, dtype=torch.float64)
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        sigmas: list[float] | np.ndarray | torch.Tensor | None = None,
+        timesteps: list[float] | np.ndarray | torch.Tensor | None = None,
+    ) -> None:
+        """Grid ``linspace(1, t_last, N)`` then 0 (float64 ``sigmas`` on CPU, float32 ``timesteps`` on ``device``).
+
+        ``sigmas`` (or ``timesteps = sigmas * num_train_timesteps``): the N evaluation times instead, all > 0, the
+        last one taking the deterministic final step to 0 (diffusers' flow-match convention).
+        """
+        grid = given_start_times(num_inference_steps, sigmas, timesteps, self.config.num_train_timesteps)
+        if grid is None:
+            check_num_inference_steps(num_inference_steps)
+            grid = torch.linspace(1.0, self.config.t_last, num_inference_steps, dtype=torch.float64)
+        num_inference_steps = len(grid)
         self.sigmas = torch.cat([grid, torch.zeros(1, dtype=torch.float64)])
         self.timesteps = (grid * self.config.num_train_timesteps).to(device=device, dtype=torch.float32)
         self.num_inference_steps = num_inference_steps

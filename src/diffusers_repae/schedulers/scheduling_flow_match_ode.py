@@ -3,16 +3,23 @@
 Euler reuses diffusers' own ``FlowMatchEulerDiscreteScheduler`` with explicit sigmas (``repae_ode_sigmas``).
 Heun needs a scheduler of its own: diffusers' ``FlowMatchHeunDiscreteScheduler`` has no ``sigmas`` argument and
 always ends its grid at ``1 / num_train_timesteps`` instead of 0, so it cannot walk REPA-E's grid.
+
+Any other diffusers flow-matching scheduler plugs in through ``set_repae_timesteps``: the REPA-E grid is handed
+over as ``set_timesteps(sigmas=...)`` where the scheduler takes it (UniPC with flow sigmas), and the scheduler's
+own flow grid is used where it does not (DPM-Solver++ with flow sigmas, which has no ``sigmas`` argument).
 """
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from .grids import given_start_times
 from .scheduling_flow_match_euler_maruyama import (
     FlowMatchEulerMaruyamaScheduler,
     FlowMatchSchedulerOutput,
@@ -66,9 +73,22 @@ class FlowMatchHeunScheduler(_StepIndexMixin, SchedulerMixin, ConfigMixin):
         """True when the next ``step`` is a predictor (Euler) step, False when it is the Heun correction."""
         return self.prev_derivative is None
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        check_num_inference_steps(num_inference_steps)
-        grid = torch.linspace(1.0, 0.0, num_inference_steps + 1, dtype=torch.float64)
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        sigmas: list[float] | np.ndarray | torch.Tensor | None = None,
+        timesteps: list[float] | np.ndarray | torch.Tensor | None = None,
+    ) -> None:
+        """REPA-E's grid ``linspace(1, 0, N + 1)``, or the N step start times given as ``sigmas`` (or as
+        ``timesteps = sigmas * num_train_timesteps``) followed by 0, diffusers' flow-match convention."""
+        starts = given_start_times(num_inference_steps, sigmas, timesteps, self.config.num_train_timesteps)
+        if starts is None:
+            check_num_inference_steps(num_inference_steps)
+            grid = torch.linspace(1.0, 0.0, num_inference_steps + 1, dtype=torch.float64)
+        else:
+            grid = torch.cat([starts, torch.zeros(1, dtype=torch.float64)])
+            num_inference_steps = len(starts)
         evaluated = torch.cat([grid[:1], grid[1:-1].repeat_interleave(2)])
         self.sigmas = torch.cat([evaluated, grid[-1:]])
         self.timesteps = (evaluated * self.config.num_train_timesteps).to(device=device, dtype=torch.float32)
@@ -117,11 +137,17 @@ SAMPLERS: dict[str, type] = {
     "euler": FlowMatchEulerDiscreteScheduler,
     "heun": FlowMatchHeunScheduler,
     "sde": FlowMatchEulerMaruyamaScheduler,
+    "dpmsolver++": DPMSolverMultistepScheduler,
+    "unipc": UniPCMultistepScheduler,
 }
+
+# The flow-matching settings of diffusers' multistep solvers: velocity ``eps - x`` on the linear path, no shift.
+MULTISTEP_FLOW_CONFIG = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 1.0}
 
 
 def scheduler_for_sampler(sampler: str, config: dict | None = None):
-    """A fresh scheduler for ``"euler"``, ``"heun"`` or ``"sde"``, built the diffusers way from ``config``."""
+    """A fresh scheduler for ``"euler"``, ``"heun"``, ``"sde"``, ``"dpmsolver++"`` (2nd order DPM-Solver++) or
+    ``"unipc"`` (UniPC-bh2), built the diffusers way from ``config``."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}.")
     cls = SAMPLERS[sampler]
@@ -129,20 +155,50 @@ def scheduler_for_sampler(sampler: str, config: dict | None = None):
     if cls is FlowMatchEulerDiscreteScheduler:
         # REPA-E's grid is unshifted; a stale `shift`/dynamic shifting from another scheduler must not warp it.
         config.update(shift=1.0, use_dynamic_shifting=False, stochastic_sampling=False)
+    elif cls in (DPMSolverMultistepScheduler, UniPCMultistepScheduler):
+        config.update(MULTISTEP_FLOW_CONFIG, use_dynamic_shifting=False, solver_order=2)
+        if cls is DPMSolverMultistepScheduler:
+            config.update(algorithm_type="dpmsolver++")
     return cls.from_config(config)
 
 
+def is_flow_matching(scheduler) -> bool:
+    """True for schedulers of the linear flow path with velocity prediction: diffusers' ``FlowMatch*`` classes,
+    this package's, and multistep solvers configured with ``use_flow_sigmas`` and ``flow_prediction``."""
+    if type(scheduler).__name__.startswith("FlowMatch"):
+        return True
+    config = scheduler.config
+    return bool(config.get("use_flow_sigmas", False)) and config.get("prediction_type") == "flow_prediction"
+
+
+def repae_sigmas(scheduler, num_inference_steps: int) -> np.ndarray:
+    """REPA-E's N evaluation times for ``scheduler``: ``linspace(1, t_last, N)`` for the Euler-Maruyama SDE,
+    ``linspace(1, 0, N + 1)[:-1]`` (the ODE grid) for every other sampler. float64."""
+    if isinstance(scheduler, FlowMatchEulerMaruyamaScheduler):
+        check_num_inference_steps(num_inference_steps)
+        return torch.linspace(1.0, scheduler.config.t_last, num_inference_steps, dtype=torch.float64).numpy()
+    return repae_ode_sigmas(num_inference_steps)
+
+
 def set_repae_timesteps(scheduler, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-    """Put REPA-E's time grid on any supported scheduler (this package's, or diffusers' flow-match Euler)."""
+    """Put REPA-E's time grid on a flow-matching scheduler through ``set_timesteps(sigmas=...)``.
+
+    Schedulers without a ``sigmas`` argument (diffusers' DPM-Solver++, flow-match Heun) get
+    ``set_timesteps(num_inference_steps)`` and walk their own flow grid. Non-flow schedulers (epsilon / v
+    prediction on a DDPM noise schedule) are refused: the SiT predicts the flow velocity ``eps - x``.
+    """
     check_num_inference_steps(num_inference_steps)
-    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-        if scheduler.config.use_dynamic_shifting:
-            raise ValueError("scheduler.config.use_dynamic_shifting must be False for REPA-E's linear time grid.")
-        scheduler.set_timesteps(sigmas=repae_ode_sigmas(num_inference_steps), device=device)
-    elif isinstance(scheduler, (FlowMatchHeunScheduler, FlowMatchEulerMaruyamaScheduler)):
-        scheduler.set_timesteps(num_inference_steps, device=device)
-    else:
+    if not is_flow_matching(scheduler):
         raise ValueError(
-            f"scheduler must be a FlowMatchEulerDiscreteScheduler, FlowMatchHeunScheduler or "
-            f"FlowMatchEulerMaruyamaScheduler, got {type(scheduler).__name__}."
+            f"scheduler: {type(scheduler).__name__} is not a flow-matching scheduler; allowed: diffusers' FlowMatch* "
+            "schedulers, this package's, or DPMSolverMultistepScheduler / UniPCMultistepScheduler with "
+            "use_flow_sigmas=True and prediction_type='flow_prediction' (see scheduler_for_sampler)."
         )
+    if scheduler.config.get("use_dynamic_shifting", False):
+        raise ValueError(
+            "scheduler.config.use_dynamic_shifting must be False: REPA-E's time grid is not resolution-shifted."
+        )
+    if "sigmas" in inspect.signature(scheduler.set_timesteps).parameters:
+        scheduler.set_timesteps(sigmas=repae_sigmas(scheduler, num_inference_steps), device=device)
+    else:
+        scheduler.set_timesteps(num_inference_steps, device=device)
