@@ -175,9 +175,19 @@ def test_cli_trains_from_cache_then_lora_adds_classes(tmp_path):
 
     lora = run_train_ldm(
         "--pretrained_model_name_or_path", str(base), "--train_data_dir", str(tmp_path / "images"), "--new_classes",
-        "--lora_rank", "4", "--ema_decay", "0", "--learning_rate", "1e-2", "--max_train_steps", "2",
+        "--lora_rank", "4", "--learning_rate", "1e-2", "--max_train_steps", "2",
         "--output_dir", str(tmp_path / "lora"),
     )  # fmt: skip
+    # the saved adapter is the trained one (issue 13 item 9): equal to the weights in the step-2 training checkpoint
+    from safetensors.torch import load_file
+
+    trained = load_file(lora / "checkpoint-2" / "model.safetensors")
+    saved = load_file(lora / "lora" / "pytorch_lora_weights.safetensors")
+    assert saved and all(".lora_" in key for key in saved)
+    for key, value in saved.items():
+        assert torch.equal(value, trained[key.replace(".weight", ".default.weight")]), key
+    saved_table = load_file(lora / "lora" / "class_embedding.safetensors")["weight"]
+    assert torch.equal(saved_table, trained["class_embedding.weight"])
     tuned = RepaEPipeline.from_pretrained(base)
     before = {k: v.clone() for k, v in tuned.transformer.state_dict().items()}
     load_lora_into_pipeline(tuned, lora / "lora")

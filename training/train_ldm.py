@@ -17,8 +17,9 @@ see the images, computed on the fly (see ``benchmarks/`` for what the latent cac
 Fine-tuning a pretrained pipeline: ``--lora_rank R`` trains LoRA adapters on every Linear inside the SiT blocks
 (``qkv``, ``attn.proj``, ``fc1``, ``fc2``, ``adaln_modulation``; choose with ``--lora_target_modules``) and the
 rows of new classes (``--new_classes``); the rest stays frozen. Without ``--lora_rank`` the whole SiT is
-fine-tuned (the documented full fine-tune alternative). Adapters are saved in the diffusers/peft layout under
-``OUTPUT_DIR/lora`` and load with ``diffusers_repae.training.lora.load_sit_lora(pipe.transformer, path)``.
+fine-tuned (the documented full fine-tune alternative). The trained adapter itself (its warmed-up EMA with
+``--lora_ema``) is saved in the diffusers/peft layout under ``OUTPUT_DIR/lora`` and loads with
+``diffusers_repae.training.lora.load_sit_lora(pipe.transformer, path)``.
 """
 
 from __future__ import annotations
@@ -113,6 +114,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Comma-separated module names that get adapters (default: every Linear inside the SiT blocks).",
     )
     lora.add_argument(
+        "--lora_ema",
+        action="store_true",
+        help="With --lora_rank: save (and validate) the EMA of the adapter at --ema_decay instead of the trained "
+        "adapter itself (the default). Fine-tuning EMAs warm up: decay min(ema_decay, (1 + n) / (10 + n)) at update "
+        "n, and only trainable values move, so frozen weights and old label rows stay bit-identical.",
+    )
+    lora.add_argument(
         "--new_classes",
         action="store_true",
         help="The dataset's classes are new: append them to the pretrained label table (ids num_classes + label) "
@@ -128,6 +136,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"--lora_rank must be >= 0, got {args.lora_rank}.")
     if args.lora_rank and args.pretrained_model_name_or_path is None:
         raise ValueError("--lora_rank needs a pretrained SiT: pass --pretrained_model_name_or_path.")
+    if args.lora_ema and not args.lora_rank:
+        raise ValueError("--lora_ema needs --lora_rank (a full fine-tune always keeps its EMA at --ema_decay).")
     if args.new_classes and args.pretrained_model_name_or_path is None:
         raise ValueError("--new_classes extends a pretrained label table: pass --pretrained_model_name_or_path.")
     return args
@@ -320,15 +330,19 @@ def main(argv: list[str] | None = None) -> Path:
         optimizer_disc=None,
         optimizer_sit=optimizer,
     )
-    models.ema = ModelEMA(ema_target(accelerator, models), decay=args.ema_decay)
+    # LoRA saves the trained adapter itself unless --lora_ema (decay 0: the copy follows it exactly); fine-tuning
+    # a pretrained SiT warms the EMA up, training from a recipe uses the original's plain EMA.
+    ema_decay = 0.0 if args.lora_rank and not args.lora_ema else args.ema_decay
+    fine_tuning = args.pretrained_model_name_or_path is not None
+    models.ema = ModelEMA(ema_target(accelerator, models), decay=ema_decay, warmup=fine_tuning)
     generators = ProcessGenerators(accelerator, args.seed)
     history = LossHistory()
     # saved as safetensors + JSON with each checkpoint (nothing pickled); the settings are checked on resume
-    settings = RunSettings(
+    run_settings = RunSettings(
         recipe=str(args.pretrained_model_name_or_path or args.recipe), resolution=args.resolution,
         num_classes=len(id2label), lora_rank=args.lora_rank,
     )  # fmt: skip
-    register_checkpoint_state(accelerator, run=settings, ema=models.ema, generators=generators, history=history)
+    register_checkpoint_state(accelerator, run=run_settings, ema=models.ema, generators=generators, history=history)
     if data.streaming:
         register_checkpoint_state(accelerator, stream=PerProcessState(accelerator, data.dataset))
     hp = RepaEHyperParameters(
