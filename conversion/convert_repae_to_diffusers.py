@@ -46,7 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--encoder_depth", type=int, default=None, help="REPA projector depth; overrides the checkpoint's args."
     )
     parser.add_argument(
-        "--num_attention_heads", type=int, default=None, help="Attention heads; needed only when no recipe matches."
+        "--num_attention_heads",
+        type=int,
+        default=None,
+        help="Attention heads; needed only for a SiT that is none of the original's SiT-{S,B,L,XL}/{1,2,4,8} "
+        "(known by depth and width) and matches no recipe.",
     )
     parser.add_argument(
         "--vae_arch", default=None, choices=sorted(VAE_PRESETS), help="VAE architecture; overrides the args' 'vae'."

@@ -305,7 +305,7 @@ def test_f16d32_vae_from_safetensors_with_unknown_key_fails(f16d32_files, tmp_pa
     save_file({**state, "encoder.extra_head.weight": torch.zeros(2)}, str(tmp_path / "bad.safetensors"))
     assert (
         convert_vae.main(
-            ["--checkpoint", str(tmp_path / "bad.safetensors"), "--arch", "f16d32", "--output_dir", str(out)]
+            ["--checkpoint", str(tmp_path / "bad.safetensors"), "--arch", "f16d32", "--output_dir", str(out), "--overwrite"]
         )
         == 2
     )
@@ -313,7 +313,7 @@ def test_f16d32_vae_from_safetensors_with_unknown_key_fails(f16d32_files, tmp_pa
     # an f16d32 file declared as f8d4: the per-level attention keys are reported by name
     assert (
         convert_vae.main(
-            ["--checkpoint", str(tmp_path / "vae.safetensors"), "--arch", "f8d4", "--output_dir", str(out)]
+            ["--checkpoint", str(tmp_path / "vae.safetensors"), "--arch", "f8d4", "--output_dir", str(out), "--overwrite"]
         )
         == 2
     )
@@ -499,3 +499,21 @@ def test_flat_safetensors_checkpoint_without_args_needs_flags(repae_checkpoint, 
     x, t, y = torch.randn(1, 4, 16, 16), torch.tensor([0.6]), torch.tensor([5])
     with torch.no_grad():
         torch.testing.assert_close(sit(x, t, y).sample, repae_checkpoint["ema"](x, t, y)[0], atol=1e-5, rtol=0)
+
+
+# The original's table, SPEC section 2: variant -> (depth, hidden, heads).
+ORIGINAL_SIT_TABLE = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+
+
+@pytest.mark.parametrize("patch", [1, 2, 4, 8])
+@pytest.mark.parametrize("variant", ["S", "B", "L", "XL"])
+def test_every_original_model_name_converts_without_hints(variant, patch):
+    """Issue 13 item 5: SiT-{S,B,L,XL}/{1,2,4,8} need no --num_attention_heads (heads are in no tensor shape)."""
+    depth, hidden, heads = ORIGINAL_SIT_TABLE[variant]
+    with torch.device("meta"):
+        original = OriginalSiT(32, patch, 4, hidden, depth, heads, 1000, 4, (768,), 2048).state_dict()
+    config = infer_sit_config(split_sit_state_dict(original), {"model": f"SiT-{variant}/{patch}"})
+    assert (config["num_layers"], config["hidden_size"], config["num_attention_heads"]) == (depth, hidden, heads)
+    assert config["patch_size"] == patch and config["sample_size"] == 32
+    # the name is not even needed: depth and width pick the variant
+    assert infer_sit_config(split_sit_state_dict(original), {})["num_attention_heads"] == heads

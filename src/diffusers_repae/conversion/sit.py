@@ -86,6 +86,23 @@ def split_sit_state_dict(state_dict: Mapping[str, torch.Tensor]) -> SplitSiT:
     return split
 
 
+# The original's model table (SiT-{S,B,L,XL}/{1,2,4,8}): variant -> (depth, hidden size, attention heads).
+SIT_VARIANTS: dict[str, tuple[int, int, int]] = {
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+
+
+def variant_heads(num_layers: int, hidden_size: int) -> int | None:
+    """Attention heads of the original SiT variant with this depth and width (each variant's pair is unique)."""
+    for depth, width, heads in SIT_VARIANTS.values():
+        if (depth, width) == (num_layers, hidden_size):
+            return heads
+    return None
+
+
 def parse_model_name(name: str) -> tuple[str, int]:
     """``"SiT-XL/2"`` -> ``("XL", 2)``."""
     match = re.fullmatch(r"SiT-(S|B|L|XL)/(\d+)", str(name))
@@ -120,7 +137,8 @@ def infer_sit_config(
     """``SiTTransformer2DModel`` config from the tensor shapes, the training ``args`` and explicit overrides.
 
     Shapes give width, depth, patch, channels, classes and grid; the number of heads is not in any shape, so it
-    comes from ``num_attention_heads``, else from the recipe matching these shapes, else it is an error.
+    comes from ``num_attention_heads``, else from the original's model table (`SIT_VARIANTS`, by depth and width:
+    any ``SiT-{S,B,L,XL}/{1,2,4,8}``), else from the recipe matching these shapes, else it is an error.
     """
     sd = split.transformer
     if "x_embedder.proj.weight" not in sd or "blocks.0.attn.qkv.weight" not in sd:
@@ -159,6 +177,8 @@ def infer_sit_config(
         "class_dropout_prob": float(args.get("cfg_prob", 0.1)),
         "qk_norm": "blocks.0.attn.q_norm.weight" in sd,
     }
+    if num_attention_heads is None:
+        num_attention_heads = variant_heads(num_layers, int(hidden))
     if num_attention_heads is None:
         source = recipe or find_recipe(config)
         if source is None:
