@@ -139,3 +139,64 @@ def test_other_transformers_encoders_from_tiny_local_folders(tmp_path, name):
     if encoder.input_size != 64:
         x = F.interpolate(x, size=(56, 56), mode="bicubic", align_corners=False)
     torch.testing.assert_close(encoder.preprocess(images), x)
+
+
+def _tiny_mae(folder):
+    from transformers import ViTMAEConfig, ViTMAEModel
+
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    model = ViTMAEModel(ViTMAEConfig(patch_size=16, image_size=48, **small))  # 3x3 table -> 4x4 grid at 64 px
+    with torch.no_grad():  # a visible final LayerNorm, so taking the tokens before or after it differs
+        model.layernorm.weight.normal_(1.0, 0.5)
+        model.layernorm.bias.normal_(0.0, 0.5)
+    model.save_pretrained(folder)
+    return ViTMAEModel.from_pretrained(folder).eval()
+
+
+def test_mae_targets_are_the_last_block_tokens_before_the_final_layernorm(tmp_path):
+    """Issue 13 item 4, the original's rule: last block's tokens, CLS dropped, no final LayerNorm, no masking."""
+    model = _tiny_mae(tmp_path / "mae")
+    (encoder,) = load_vision_encoders(
+        "mae-vit-l", resolution=64, num_tokens=16, local_paths={"mae-vit-l": tmp_path / "mae"}
+    )
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    x = (images.float() / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(
+        1, 3, 1, 1
+    )
+    embeddings = model.embeddings
+    table = embeddings.position_embeddings.data  # [1, 1 + 9, 32]: CLS row, then the 3x3 grid
+    grid = table[:, 1:].reshape(1, 3, 3, 32).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(4, 4), mode="bicubic", antialias=True, align_corners=False)
+    patches = embeddings.patch_embeddings.projection(x).flatten(2).transpose(1, 2)  # row-major, in order
+    hidden = patches + grid.permute(0, 2, 3, 1).reshape(1, 16, 32)
+    cls = embeddings.cls_token + table[:, :1]
+    hidden = torch.cat([cls.expand(2, -1, -1), hidden], dim=1)
+    with torch.no_grad():
+        for layer in model.layers:
+            out = layer(hidden)
+            hidden = out[0] if isinstance(out, tuple) else out
+    expected = hidden[:, 1:]
+    tokens = encoder(images)
+    torch.testing.assert_close(tokens, expected, atol=1e-5, rtol=1e-5)
+    after_norm = model.layernorm(expected)
+    assert (tokens - after_norm).abs().max() > 0.1  # the LayerNorm would have changed them
+
+
+def test_encoders_run_under_the_training_autocast(tmp_path):
+    """Issue 13 item 10: targets computed under the mixed-precision autocast, as the original; returned as fp32."""
+    _tiny_mae(tmp_path / "mae")
+    paths = {"mae-vit-l": tmp_path / "mae"}
+    (encoder,) = load_vision_encoders("mae-vit-l", 64, 16, local_paths=paths, autocast_dtype=torch.bfloat16)
+    (plain,) = load_vision_encoders("mae-vit-l", 64, 16, local_paths=paths)
+    seen = []
+    first_linear = next(m for m in encoder.model.layers[0].modules() if isinstance(m, torch.nn.Linear))
+    hook = first_linear.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    tokens = encoder(images)
+    hook.remove()
+    assert seen == [torch.bfloat16] and tokens.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the rule: the same model call inside autocast
+        expected = plain._tokens(images).float()
+    torch.testing.assert_close(tokens, expected, atol=0, rtol=0)
+    assert (tokens - plain(images)).abs().max() > 1e-4  # autocast did change the numbers

@@ -89,8 +89,11 @@ class VisionEncoder:
         std: tuple[float, ...],
         family: str,
         num_prefix_tokens: int = 0,
+        autocast_dtype: torch.dtype | None = None,
     ) -> None:
         self.name, self.model, self.z_dim, self.num_tokens = name, model, z_dim, num_tokens
+        # The original computes the targets under the training's autocast (fp16 in its recipes); None: no autocast.
+        self.autocast_dtype = autocast_dtype
         self.input_size, self.family, self.num_prefix_tokens = input_size, family, num_prefix_tokens
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
         self.std = torch.tensor(std).view(1, 3, 1, 1)
@@ -131,11 +134,18 @@ class VisionEncoder:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch tokens ``[B, num_tokens, z_dim]`` in float32 (computed under ``autocast_dtype`` when set)."""
+        device_type = self.device.type
+        with torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return self._tokens(images).float()
+
+    def _tokens(self, images: torch.Tensor) -> torch.Tensor:
         x = self.preprocess(images)
         if self.family == "efficientnet-lite0":
             tokens = _efficientnet_stride16(self.model, x).flatten(2).transpose(1, 2)
         elif self.family == "mae":
-            # Identity "noise" keeps every patch in its original order (MAE would otherwise shuffle/mask).
+            # Identity "noise" keeps every patch in its original order (MAE would otherwise shuffle/mask); the final
+            # LayerNorm is an Identity since loading, so this is the last block's output.
             noise = torch.arange(self.num_tokens, device=x.device, dtype=torch.float32).expand(x.shape[0], -1)
             hidden = self.model(pixel_values=x, noise=noise, interpolate_pos_encoding=True).last_hidden_state
             tokens = hidden[:, self.num_prefix_tokens :]
@@ -226,6 +236,8 @@ def _transformers_encoder(name: str, source: str, resolution: int, num_tokens: i
         num_prefix = 1
     elif spec.family == "mae":
         model = ViTMAEModel.from_pretrained(source, mask_ratio=0.0)
+        # The original aligns to the last block's tokens, before MAE's final LayerNorm.
+        model.layernorm = torch.nn.Identity()
         num_prefix = 1
     elif spec.family == "ijepa":
         model = IJepaModel.from_pretrained(source)
@@ -289,11 +301,13 @@ def load_vision_encoders(
     device: torch.device | str = "cpu",
     local_paths: dict[str, str | Path] | None = None,
     dtype: torch.dtype | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> list[VisionEncoder]:
     """Loads the comma-separated encoders of ``enc_type`` for a SiT with ``num_tokens`` tokens at ``resolution``.
 
     ``local_paths`` maps an encoder name to a local folder (``save_pretrained`` layout) used instead of the Hub id;
-    for ``efficientnet-lite0`` it may point to a weights file (default: the bundled one).
+    for ``efficientnet-lite0`` it may point to a weights file (default: the bundled one). ``autocast_dtype``: run
+    the encoders under this autocast (the training's mixed precision, as the original does); tokens are float32.
     Raises ValueError when an encoder's token count cannot equal ``num_tokens``.
     """
     local_paths = dict(local_paths or {})
@@ -305,6 +319,7 @@ def load_vision_encoders(
             encoder = _transformers_encoder(
                 name, str(local_paths.get(name, ENCODER_SPECS[name].hub_id)), resolution, num_tokens
             )
+        encoder.autocast_dtype = autocast_dtype
         encoders.append(encoder.to(device=device, dtype=dtype))
     return encoders
 
