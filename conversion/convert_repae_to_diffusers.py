@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from diffusers_repae.cli import check_written, refuse_overwrite, replacing_folder, run_cli
 from diffusers_repae.conversion import (
     ConversionError,
     convert_training_checkpoint,
@@ -64,6 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Also write projector/ and training_state/ (raw SiT, its BatchNorm, raw projector, discriminator).",
     )
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace a non-empty --output_dir (removed entirely first: no stale sub-folders survive).",
+    )
+    parser.add_argument(
         "--verify",
         action="store_true",
         help="Reload the folder, compare every tensor, run each model; exit 1 on mismatch.",
@@ -73,6 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    inputs = {
+        "--checkpoint": args.checkpoint,
+        "--vae_checkpoint": args.vae_checkpoint,
+        "--latents_stats": args.latents_stats,
+    }
+    refuse_overwrite(args.output_dir, "--output_dir", inputs, args.overwrite)
     try:
         print(f"loading {args.checkpoint} (weights only)")
         checkpoint = load_checkpoint(args.checkpoint)
@@ -100,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for note in converted.notes:
         print(note)
-    write_pipeline_folder(converted, args.output_dir, args.checkpoint)
+    with replacing_folder(args.output_dir) as staging:
+        write_pipeline_folder(converted, staging, args.checkpoint)
+        check_written(staging, ["model_index.json", "transformer/config.json", "vae/config.json"])
     print(f"wrote RepaEPipeline (recipe {converted.recipe}, step {converted.steps}) to {args.output_dir}")
     if args.verify:
         report = verify_folder(args.output_dir, converted)
@@ -110,4 +124,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main)

@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from diffusers_repae.cli import check_written, refuse_overwrite, replacing_folder, run_cli
 from diffusers_repae.conversion import ConversionError, load_checkpoint, report_verification, verify_vae_folder
 from diffusers_repae.conversion.vae import convert_vae_checkpoint
 from diffusers_repae.models.vae import VAE_PRESETS
@@ -32,6 +33,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arch", required=True, choices=sorted(VAE_PRESETS), help="VAE architecture family.")
     parser.add_argument("--output_dir", required=True, help="Folder to write the AutoencoderKL (safetensors) to.")
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace a non-empty --output_dir (removed entirely first: no stale sub-folders survive).",
+    )
+    parser.add_argument(
         "--verify",
         action="store_true",
         help="Reload the folder, compare every tensor, decode once; exit 1 on mismatch.",
@@ -46,6 +52,8 @@ def default_stats_path(checkpoint: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    inputs = {"--checkpoint": args.checkpoint, "--latents_stats": args.latents_stats}
+    refuse_overwrite(args.output_dir, "--output_dir", inputs, args.overwrite)
     checkpoint_path = Path(args.checkpoint)
     stats_path = Path(args.latents_stats) if args.latents_stats else default_stats_path(checkpoint_path)
     if args.latents_stats is None and not stats_path.is_file():
@@ -63,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         print("no latent statistics given: latents_mean/latents_std stay unset (pass --latents_stats).")
     else:
         print(f"latent statistics from {stats_path}")
-    vae.save_pretrained(args.output_dir, safe_serialization=True)
+    with replacing_folder(args.output_dir) as staging:
+        vae.save_pretrained(staging, safe_serialization=True)
+        check_written(staging, ["config.json", "diffusion_pytorch_model.safetensors"])
     print(f"wrote AutoencoderKL ({sum(p.numel() for p in vae.parameters()):,} parameters) to {args.output_dir}")
     if args.verify:
         stats_config = (
@@ -76,4 +86,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main)

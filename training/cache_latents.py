@@ -13,6 +13,7 @@ Example (embedded OpenMoji data, tiny random VAE, with flipped copies)::
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from diffusers_repae.cli import UserError, refuse_overwrite, run_cli
 from diffusers_repae.training.data import add_data_args, training_data_from_args
 from diffusers_repae.training.latent_cache import (
     CacheInfo,
@@ -57,6 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_images", type=int, default=None, help="Only cache the first N dataset images.")
     parser.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes per process.")
     parser.add_argument("--seed", type=int, default=0, help="Seed for a recipe VAE's random weights.")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Empty a non-empty --output_dir that is not a latent cache first (a cache of the same settings resumes).",
+    )
     return parser.parse_args(argv)
 
 
@@ -93,7 +100,20 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError("--random_flip makes the cache depend on chance; use --flip_copies to store both versions.")
     if args.streaming:
         raise ValueError("--streaming is not supported: resumable shards need random access to the dataset.")
+    output = Path(args.output_dir)
+    inputs = {"--vae": args.vae, "--train_data_dir": args.train_data_dir}
+    refuse_overwrite(output, "--output_dir", inputs, overwrite=True)
+    foreign = output.is_dir() and any(output.iterdir()) and not (output / "cache_info.json").is_file()
+    if foreign and not args.overwrite:
+        raise UserError(
+            f"--output_dir {str(output)!r} is not empty and holds no latent cache: choose another folder, or pass "
+            "--overwrite to empty it."
+        )
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {args.batch_size}.")
     accelerator = Accelerator()
+    if foreign and accelerator.is_main_process:
+        shutil.rmtree(output)
     started = time.time()
     data = training_data_from_args(args)
     num_items = min(len(data.dataset), args.max_images or len(data.dataset))
@@ -114,7 +134,6 @@ def main(argv: list[str] | None = None) -> None:
         num_classes=data.num_classes,
         id2label={str(k): v for k, v in data.id2label.items()},
     )
-    output = Path(args.output_dir)
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
         if (output / "cache_info.json").is_file():
@@ -160,4 +179,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -20,6 +20,7 @@ import argparse
 import torch
 from tqdm.auto import tqdm
 
+from diffusers_repae.cli import UserError, refuse_overwrite, run_cli
 from diffusers_repae.training.data import add_data_args, build_dataloader, training_data_from_args
 from diffusers_repae.training.latent_cache import load_vae
 from diffusers_repae.training.latent_stats import (
@@ -56,11 +57,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--write", type=str, default=None, help="Save a copy of the VAE with the measured statistics to this folder."
     )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="Replace an existing --write folder (never the input --vae)."
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    inputs = {"--vae": args.vae, "--train_data_dir": args.train_data_dir}
+    if args.write:  # the statistics go into a copy: never into the VAE that was measured
+        refuse_overwrite(args.write, "--write", inputs, args.overwrite)
+    refuse_overwrite(args.plot, "--plot", inputs, overwrite=True)
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {args.batch_size}.")
     data = training_data_from_args(args, seed=args.seed)
     if data.streaming:
         raise ValueError("--streaming is not supported here: measure on a downloaded dataset (or --max_images).")
@@ -97,4 +107,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

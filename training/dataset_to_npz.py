@@ -16,38 +16,52 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from diffusers_repae.cli import UserError, refuse_overwrite, run_cli
 from diffusers_repae.evaluation import save_npz
 from diffusers_repae.training.data import add_data_args, training_data_from_args
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(parser)
     parser.add_argument("--split", default="train", help="Dataset split (e.g. 'validation').")
     parser.add_argument("--num_images", type=int, default=None, help="Keep only the first N images.")
     parser.add_argument("--batch_size", type=int, default=64, help="Images per loader batch.")
     parser.add_argument("--output", required=True, help="Path of the .npz to write.")
-    return parser.parse_args()
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output file.")
+    return parser.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     args.random_flip = False  # evaluation reads images as they are, in dataset order
+    if not args.output.endswith(".npz"):
+        args.output += ".npz"  # np.savez adds the suffix
+    refuse_overwrite(args.output, "--output", {"--train_data_dir": args.train_data_dir}, args.overwrite)
+    if args.batch_size < 1 or (args.num_images is not None and args.num_images < 1):
+        raise UserError("--batch_size and --num_images must be >= 1.")
     data = training_data_from_args(args, split=args.split)
     loader = torch.utils.data.DataLoader(data.dataset, batch_size=args.batch_size, shuffle=False)  # dataset order
     total = args.num_images if data.streaming else min(len(data.dataset), args.num_images or len(data.dataset))
-    images, labels = [], []
+    images, labels, dropped, seen = [], [], 0, 0
     with tqdm(total=total, desc="images", unit="img") as bar:
         for batch in itertools.islice(loader, None if total is None else -(-total // args.batch_size)):
-            images.append(batch["pixel_values"].permute(0, 2, 3, 1).numpy())
-            labels.append(batch["labels"].numpy())
-            bar.update(len(images[-1]))
-    images, labels = np.concatenate(images)[:total], np.concatenate(labels)[:total]
+            take = len(batch["labels"]) if total is None else min(len(batch["labels"]), total - seen)
+            seen += take
+            good = batch["num_skipped"][:take] == 0  # unreadable files (stand-ins from a neighbour) are left out
+            dropped += int((~good).sum())
+            images.append(batch["pixel_values"][:take][good].permute(0, 2, 3, 1).numpy())
+            labels.append(batch["labels"][:take][good].numpy())
+            bar.update(take)
+    images, labels = np.concatenate(images), np.concatenate(labels)
+    if len(images) == 0:
+        raise UserError(f"no readable images in {data.source}: nothing to write ({dropped} unreadable files).")
     path = save_npz(args.output, images, labels)
     print(f"wrote {path}: {images.shape[0]} images {images.shape[1:]} from {data.source}")
+    print(f"{dropped} unreadable images left out of the reference set" if dropped else "no unreadable images")
     if data.attribution:
         print(f"attribution: {data.attribution}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

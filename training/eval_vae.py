@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
+from diffusers_repae.cli import UserError, refuse_overwrite, run_cli
 from diffusers_repae.evaluation import (
     FEATURE_EXTRACTORS,
     build_feature_extractor,
@@ -31,7 +32,7 @@ from diffusers_repae.evaluation import (
 from diffusers_repae.training.data import add_data_args, training_data_from_args
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--vae", required=True, help="AutoencoderKL folder, or a pipeline folder with --vae_subfolder."
@@ -55,7 +56,10 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device.")
     parser.add_argument("--output_json", default=None, help="Also write the metrics to this JSON file.")
-    return parser.parse_args()
+    parser.add_argument(
+        "--overwrite", action="store_true", help="Replace an existing output (never one of this command's inputs)."
+    )
+    return parser.parse_args(argv)
 
 
 def image_batches(args: argparse.Namespace):
@@ -86,8 +90,13 @@ def _truncate(batches, limit: int):
             return
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.output_json:
+        inputs = {"--vae": args.vae, "--images": args.images, "--train_data_dir": args.train_data_dir}
+        refuse_overwrite(args.output_json, "--output_json", inputs, args.overwrite)
+    if args.images is not None and not Path(args.images).exists():
+        raise UserError(f"--images {args.images!r} does not exist.")
     vae = AutoencoderKL.from_pretrained(args.vae, subfolder=args.vae_subfolder)
     extractor = None
     if args.feature_extractor != "none":
@@ -113,7 +122,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except FileNotFoundError as error:  # missing offline weights: the message says what to pass, no traceback
-        raise SystemExit(f"error: {error}") from None
+    run_cli(main)

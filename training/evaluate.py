@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from diffusers_repae.cli import UserError, refuse_overwrite, run_cli
 from diffusers_repae.evaluation import (
     FEATURE_EXTRACTORS,
     build_feature_extractor,
@@ -25,7 +26,7 @@ from diffusers_repae.evaluation import (
 )
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--reference",
@@ -57,11 +58,32 @@ def parse_args() -> argparse.Namespace:
         help="Cache the reference features here (.npz); pass that file as --reference next time to skip extraction.",
     )
     parser.add_argument("--output_json", default=None, help="Also write the metrics to this JSON file.")
-    return parser.parse_args()
+    parser.add_argument(
+        "--overwrite", action="store_true", help="Replace an existing output (never one of this command's inputs)."
+    )
+    return parser.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
+def check_outputs(args: argparse.Namespace) -> None:
+    """Outputs never replace an input (e.g. features over the reference images); existing ones need --overwrite."""
+    inputs = {"--reference": args.reference, "--samples": args.samples, "--inception_weights": args.inception_weights}
+    for flag in ("save_reference_features", "output_json"):
+        path = getattr(args, flag)
+        if path is None:
+            continue
+        if flag == "save_reference_features" and not path.endswith(".npz"):
+            path = args.save_reference_features = path + ".npz"  # np.savez adds the suffix
+        refuse_overwrite(path, f"--{flag}", inputs, args.overwrite)
+    for name, path in inputs.items():
+        if path is not None and not Path(path).exists():
+            raise UserError(f"{name} {path!r} does not exist.")
+    if args.batch_size < 1 or (args.max_images is not None and args.max_images < 1) or args.k < 1:
+        raise UserError("--batch_size, --max_images and --k must be >= 1.")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    check_outputs(args)
     weights = args.inception_weights if args.feature_extractor == "inception-v3" else None
     extractor = build_feature_extractor(args.feature_extractor, weights, allow_download=args.allow_download)
     reference = features_of(extractor, args.reference, args.batch_size, args.device, args.max_images)
@@ -89,7 +111,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except FileNotFoundError as error:  # missing offline weights: the message says what to pass, no traceback
-        raise SystemExit(f"error: {error}") from None
+    run_cli(main)

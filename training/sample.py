@@ -14,6 +14,7 @@ import torch
 from diffusers.utils import make_image_grid
 
 from diffusers_repae import RepaEPipeline
+from diffusers_repae.cli import refuse_overwrite, run_cli
 from diffusers_repae.recipes import resolve_recipe
 from diffusers_repae.schedulers import SAMPLERS
 from diffusers_repae.training.lora import load_lora_into_pipeline
@@ -85,6 +86,7 @@ def parse_label(label: str) -> int | str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    refuse_overwrite(args.output, "--output", {"--pretrained": args.pretrained, "--lora": args.lora}, overwrite=True)
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     pipe = load_pipeline(args.pretrained)
@@ -111,4 +113,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

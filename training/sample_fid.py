@@ -15,16 +15,21 @@ process packs ``images/*.png`` into ``samples_NxHxWx3.npz`` (``arr_0`` uint8 ima
 from __future__ import annotations
 
 import argparse
+import hashlib
+import shutil
 import sys
 import time
+from pathlib import Path
 
 import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from diffusers_repae import RepaEPipeline
+from diffusers_repae.cli import UserError, refuse_overwrite, run_cli
 from diffusers_repae.evaluation.sampling import (
     LABEL_SAMPLING,
+    RUN_CONFIG_NAME,
     check_run_config,
     collect_npz,
     missing_indices,
@@ -75,6 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--npz_path", default=None, help="Where to write the .npz (default: in --output_dir).")
     parser.add_argument("--skip_npz", action="store_true", help="Only write PNGs (pack them later by re-running).")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Empty a non-empty --output_dir that holds no sampling run first (a run of the same model resumes).",
+    )
     return parser.parse_args(argv)
 
 
@@ -87,9 +97,41 @@ def load_pipeline(pretrained: str, dtype: torch.dtype) -> RepaEPipeline:
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
+def weights_fingerprint(pretrained: str) -> str:
+    """sha256 over the pipeline's weight and config files (names and bytes): what was sampled, not only where."""
+    folder = resolve_recipe(pretrained)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".json")):
+        digest.update(str(path.relative_to(folder)).encode())
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_output_dir(args: argparse.Namespace) -> None:
+    """A non-empty --output_dir must hold a sampling run (which then resumes) unless --overwrite empties it."""
+    output = Path(args.output_dir)
+    refuse_overwrite(output, "--output_dir", {"--pretrained": args.pretrained}, overwrite=True)
+    if args.npz_path:
+        refuse_overwrite(args.npz_path, "--npz_path", {"--pretrained": args.pretrained}, overwrite=True)
+    if args.num_samples < 1 or args.batch_size < 1:
+        raise UserError("--num_samples and --batch_size must be >= 1.")
+    if output.is_dir() and any(output.iterdir()) and not (output / RUN_CONFIG_NAME).is_file():
+        if not args.overwrite:
+            raise UserError(
+                f"--output_dir {str(output)!r} is not empty and holds no sampling run: choose another folder, or "
+                "pass --overwrite to empty it."
+            )
+        shutil.rmtree(output)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     state = PartialState(cpu=args.cpu)
+    if state.is_main_process:
+        check_output_dir(args)
+    state.wait_for_everyone()
     pipe = load_pipeline(args.pretrained, DTYPES[args.model_dtype]).to(state.device)
     pipe.set_progress_bar_config(disable=True)
     num_classes = args.num_classes or pipe.transformer.config.num_classes
@@ -114,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         "guidance_interval": args.guidance_interval,
         "float64": args.float64,
         "model_dtype": args.model_dtype,
+        "weights_sha256": weights_fingerprint(args.pretrained),  # a retrained model at the same path is refused
     }
     if state.is_main_process:
         check_run_config(args.output_dir, run_config)
@@ -145,4 +188,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

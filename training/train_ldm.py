@@ -203,6 +203,14 @@ def load_projector(args: argparse.Namespace, sit: SiTTransformer2DModel, encoder
     )  # fmt: skip
 
 
+def vae_identity(source: str) -> str:
+    """A VAE given as a folder, a pipeline folder (its vae/) or a recipe name -> one comparable string."""
+    path = Path(source)
+    if (path / "vae" / "config.json").is_file():
+        path = path / "vae"
+    return str(path.resolve()) if path.exists() else str(source)
+
+
 def training_dataset(args: argparse.Namespace, data):
     """Image batches for on-the-fly encoding, or cached latent rows joined with their images."""
     if args.latents_dir is None:
@@ -210,6 +218,12 @@ def training_dataset(args: argparse.Namespace, data):
     if data.streaming:
         raise ValueError("--latents_dir needs random access to the images: drop --streaming.")
     latents, info = load_latent_cache(args.latents_dir)
+    vae_source = args.vae or args.pretrained_model_name_or_path
+    if vae_identity(info.vae) != vae_identity(vae_source):  # latents of another VAE would train silently wrong
+        raise ValueError(
+            f"--latents_dir was encoded with the VAE {info.vae!r} but this run uses {vae_source!r}: re-cache with "
+            "cache_latents.py --vae of this run, or pass the VAE the cache was made with."
+        )
     if info.resolution != args.resolution:
         raise ValueError(f"--latents_dir was cached at {info.resolution} px but --resolution is {args.resolution}.")
     if info.source != data.source or info.num_items > len(data.dataset):
@@ -394,4 +408,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    from diffusers_repae.cli import run_cli
+
+    run_cli(main)  # user errors: one 'error: ...' line, exit 2

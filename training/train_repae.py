@@ -290,4 +290,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    from diffusers_repae.cli import run_cli
+
+    run_cli(main)  # user errors: one 'error: ...' line, exit 2

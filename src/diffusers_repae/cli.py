@@ -12,7 +12,9 @@ traceback. ``REPAE_TRACEBACK=1`` shows the traceback of user errors too.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -88,3 +90,32 @@ def refuse_overwrite(
             )
     if not overwrite and (target.is_file() or (target.is_dir() and any(target.iterdir()))):
         raise UserError(f"{flag} {str(path)!r} already exists and is not empty: pass --overwrite to replace it.")
+
+
+@contextlib.contextmanager
+def replacing_folder(path: str | Path):
+    """Yields a hidden sibling folder to write into; on success it replaces ``path`` as a whole (nothing stale from
+    an older folder survives), on failure it is removed and ``path`` is left as it was."""
+    target = Path(path)
+    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        staging.rename(target)
+
+
+def check_written(folder: str | Path, names: list[str]) -> None:
+    """Raises when one of ``names`` is missing in ``folder`` (so a command never reports success for nothing)."""
+    missing = [name for name in names if not (Path(folder) / name).is_file()]
+    if missing:
+        raise RuntimeError(f"nothing usable was written to {str(folder)!r}: {', '.join(missing)} missing.")

@@ -2,6 +2,7 @@
 
 import inspect
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -133,8 +134,29 @@ class RepaEPipeline(DiffusionPipeline):
         return ("id2label", "default_num_inference_steps", "default_guidance_scale", "default_guidance_interval")
 
     def get_label_ids(self, label: int | str | Sequence[int | str]) -> list[int]:
-        """Class ids for ints, or names (case-insensitive; any of a class's comma-separated synonyms)."""
-        labels = [label] if isinstance(label, (int, str)) else list(label)
+        """Class ids for ints, or names (case-insensitive; any of a class's comma-separated synonyms).
+
+        Also accepted: integer tensors and numpy arrays (any shape, 0-d included) and numpy integer scalars.
+        """
+        if isinstance(label, (torch.Tensor, np.ndarray)):
+            if isinstance(label, torch.Tensor):
+                integer = not (label.is_floating_point() or label.is_complex() or label.dtype == torch.bool)
+            else:
+                integer = np.issubdtype(label.dtype, np.integer)
+            if not integer:
+                raise TypeError(
+                    f"class_labels: a {type(label).__name__} of dtype {label.dtype}; allowed: integer ids."
+                )
+            label = label.reshape(-1).tolist()
+        if isinstance(label, (int, str, np.integer)):
+            labels = [label]
+        elif isinstance(label, (list, tuple)):
+            labels = list(label)
+        else:
+            raise TypeError(
+                f"class_labels: {type(label).__name__} is not accepted; allowed: an int, a class name, or a list, "
+                "tuple, integer tensor or numpy array of them."
+            )
         num_classes = self.transformer.config.num_classes
         ids = []
         for item in labels:
@@ -160,8 +182,10 @@ class RepaEPipeline(DiffusionPipeline):
                         f"(transformer.config.num_classes = {num_classes}; {num_classes} is the null class)."
                     )
                 ids.append(int(item))
+            elif isinstance(item, torch.Tensor) and item.ndim == 0 and not item.is_floating_point():
+                ids.extend(self.get_label_ids(item))
             else:
-                raise ValueError(f"class_labels: {item!r} is neither an int nor a class name.")
+                raise TypeError(f"class_labels: {item!r} ({type(item).__name__}) is neither an int nor a class name.")
         if not ids:
             raise ValueError("class_labels must name at least one class, got an empty list.")
         return ids
@@ -183,6 +207,8 @@ class RepaEPipeline(DiffusionPipeline):
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}.")
         if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool):
             raise ValueError(f"guidance_scale must be a number (> 1 enables guidance), got {guidance_scale!r}.")
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be finite (> 1 enables guidance), got {guidance_scale!r}.")
         if len(guidance_interval) != 2:
             raise ValueError(f"guidance_interval must be (low, high), got {guidance_interval!r}.")
         low, high = (float(v) for v in guidance_interval)
@@ -221,6 +247,12 @@ class RepaEPipeline(DiffusionPipeline):
         """Initial noise ``[B, C, S, S]`` in normalised latent space (drawn in float32 like the original)."""
         config = self.transformer.config
         shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
+        generators = generator if isinstance(generator, list) else [generator]
+        if not all(g is None or isinstance(g, torch.Generator) for g in generators):
+            raise TypeError(
+                f"generator: got {type(generator).__name__}; allowed: a torch.Generator (e.g. "
+                "torch.Generator().manual_seed(0)), a list of them, or None."
+            )
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"generator: a list of {len(generator)} generators was given for a batch of {batch_size}; "
@@ -233,6 +265,8 @@ class RepaEPipeline(DiffusionPipeline):
                 f"latents: shape {tuple(latents.shape)} does not match the expected {shape} "
                 "(batch, transformer.config.in_channels, sample_size, sample_size)."
             )
+        elif not bool(torch.isfinite(latents).all()):
+            raise ValueError("latents: holds NaN or infinite values; allowed: finite initial noise.")
         return latents.to(device=device, dtype=dtype)
 
     @staticmethod
@@ -395,7 +429,12 @@ class RepaEPipeline(DiffusionPipeline):
                     for k in callback_on_step_end_tensor_inputs:
                         callback_kwargs[k] = locals()[k]
                     callback_outputs = callback_on_step_end(self, i, timestep, callback_kwargs)
-                    latents = callback_outputs.pop("latents", latents)
+                    if callback_outputs is not None and not isinstance(callback_outputs, dict):  # None: no change
+                        raise TypeError(
+                            f"callback_on_step_end returned {type(callback_outputs).__name__}; allowed: a dict "
+                            "(e.g. callback_kwargs, to replace 'latents') or None."
+                        )
+                    latents = (callback_outputs or {}).pop("latents", latents)
 
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % scheduler.order == 0):
                     progress_bar.update()

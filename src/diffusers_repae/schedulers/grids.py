@@ -32,6 +32,8 @@ def given_start_times(
     times = torch.as_tensor(np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values, np.float64))
     if name == "timesteps":
         times = times / num_train_timesteps
+    if not bool(torch.isfinite(times).all()):
+        raise ValueError(f"set_timesteps: {name} must be finite numbers, got {times.tolist()[:8]}.")
     if times.ndim != 1 or len(times) == 0:
         raise ValueError(f"set_timesteps: {name} must be a non-empty 1-D sequence, got shape {tuple(times.shape)}.")
     if num_inference_steps is not None and num_inference_steps != len(times):

@@ -45,6 +45,21 @@ class _StepIndexMixin:
     _step_index: int | None = None
     _begin_index: int | None = None
 
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """``from_config`` of a sibling scheduler's config (e.g. Heun from Euler-Maruyama's, as documented) drops
+        the sibling's own settings quietly, as diffusers does for its own schedulers, instead of warning."""
+        source = next(
+            (c for c in _StepIndexMixin.__subclasses__() if c.__name__ == config_dict.get("_class_name")), None
+        )
+        if source is not None and source is not cls:
+            import inspect
+
+            own = set(inspect.signature(cls.__init__).parameters)
+            extra = set(inspect.signature(source.__init__).parameters) - own
+            config_dict = {k: v for k, v in config_dict.items() if k not in extra}
+        return super().extract_init_dict(config_dict, **kwargs)
+
     @property
     def step_index(self) -> int | None:
         """Index of the current timestep in ``timesteps``; increases by one after each ``step``."""

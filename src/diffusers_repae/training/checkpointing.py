@@ -71,6 +71,39 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: st
     return path
 
 
+# What a finished training run leaves in its --output_dir besides checkpoints.
+RUN_OUTPUTS = (
+    "model_index.json", "transformer", "vae", "scheduler", "projector", "discriminator", "lora", "README.md",
+    "loss_curves.png", "validation",
+)  # fmt: skip
+
+
+def check_output_dir(output_dir: str | Path, resume_from_checkpoint: str | None, overwrite: bool) -> list[Path]:
+    """Refuses to train into a folder holding a run (checkpoints or an exported pipeline) unless resuming or
+    ``--overwrite``; returns what ``--overwrite`` must remove (`remove_previous_run`)."""
+    root = Path(output_dir)
+    if overwrite and resume_from_checkpoint:
+        raise UserError("--overwrite starts over and --resume_from_checkpoint continues: pass only one of them.")
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--output_dir {str(output_dir)!r} is a file, not a folder.")
+    previous = list_checkpoints(root) + [root / name for name in RUN_OUTPUTS if (root / name).exists()]
+    if not previous or resume_from_checkpoint:
+        return []
+    if not overwrite:
+        names = ", ".join(p.name for p in previous[:4]) + (", ..." if len(previous) > 4 else "")
+        raise UserError(
+            f"--output_dir {str(output_dir)!r} already holds a run ({names}): pass --resume_from_checkpoint latest to "
+            "continue it, --overwrite to replace it (its checkpoints are removed), or choose another folder."
+        )
+    return previous
+
+
+def remove_previous_run(output_dir: str | Path, previous: list[Path]) -> None:
+    """Deletes the checkpoints and exported files `check_output_dir` found (main process only)."""
+    for path in previous:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def save_checkpoint(
     accelerator: Accelerator, output_dir: str | Path, global_step: int, total_limit: int | None = None
 ) -> Path:
@@ -378,6 +411,14 @@ class LossHistory:
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.records = list(state_dict["records"])
+
+
+def weights_finite(accelerator: Accelerator, optimizers) -> bool:
+    """True when every parameter the optimizers update is finite on every process (one collective)."""
+    params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+    bad = sum(int(not bool(torch.isfinite(p.detach()).all())) for p in params)
+    bad = torch.tensor([bad], device=accelerator.device)
+    return accelerator.reduce(bad, reduction="sum").item() == 0
 
 
 def all_finite(accelerator: Accelerator, logs: dict[str, torch.Tensor]) -> bool:

@@ -191,7 +191,7 @@ class ImageLabelDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        for offset in range(self.max_consecutive_bad):
+        for offset in range(min(self.max_consecutive_bad, len(self.dataset))):
             position = (index + offset) % len(self.dataset)
             row = self.dataset[position]
             try:
@@ -207,10 +207,13 @@ class ImageLabelDataset(torch.utils.data.Dataset):
                 "labels": torch.tensor(label, dtype=torch.int64),
                 "num_skipped": torch.tensor(int(offset > 0), dtype=torch.int64),
             }
-        raise RuntimeError(
-            f"{self.max_consecutive_bad} consecutive unreadable images from index {index}: the dataset looks broken "
-            f"({self.counter.summary()})."
-        )
+        tried = min(self.max_consecutive_bad, len(self.dataset))
+        whole = tried == len(self.dataset)
+        raise BadImageError(
+            "unreadable dataset",
+            (f"none of its {tried} images could be read" if whole else f"{tried} consecutive unreadable images from "
+             f"index {index}") + f": the dataset looks broken ({self.counter.summary()}).",
+        )  # fmt: skip
 
 
 class StreamingImageLabelDataset(torch.utils.data.IterableDataset):
@@ -384,6 +387,11 @@ def build_dataloader(
     """A DataLoader with a seeded shuffle (map-style) for ``accelerator.prepare``; see the module docstring."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}.")
+    if drop_last and not data.streaming and len(data.dataset) < batch_size:
+        raise ValueError(
+            f"the dataset has {len(data.dataset)} images, fewer than one batch of {batch_size} per process: lower "
+            "--train_batch_size (or use more images)."
+        )
     generator = torch.Generator().manual_seed(seed)
     shuffle = not data.streaming
     return torch.utils.data.DataLoader(

@@ -27,11 +27,14 @@ from ..recipes import build_component, resolve_recipe
 from .checkpointing import (
     LossHistory,
     all_finite,
+    check_output_dir,
     checkpoint_step,
     load_checkpoint,
     remove_incomplete_checkpoints,
+    remove_previous_run,
     resolve_resume_checkpoint,
     save_checkpoint,
+    weights_finite,
 )
 from .data import TrainingData
 from .losses import PATH_TYPES, WEIGHTINGS, VAEReconstructionLoss, load_lpips
@@ -142,7 +145,14 @@ def add_run_args(parser: argparse.ArgumentParser, tracker_project_name: str) -> 
         "--resume_from_checkpoint",
         type=str,
         default=None,
-        help="A checkpoint-N folder, or 'latest' for the newest in --output_dir (starts fresh if none).",
+        help="A checkpoint-N folder (a path, or a name inside --output_dir), or 'latest' for the newest in "
+        "--output_dir (starts fresh if none).",
+    )
+    log.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Start over in an --output_dir that holds a run: its checkpoints and exported pipeline are removed "
+        "first. Without it such a folder is refused (unless --resume_from_checkpoint).",
     )
     log.add_argument(
         "--report_to",
@@ -303,7 +313,9 @@ def setup_accelerator(args: argparse.Namespace) -> Accelerator:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     set_seed(args.seed)  # identical on every process: same init and the same (sharded) data order
+    previous = check_output_dir(output_dir, args.resume_from_checkpoint, args.overwrite)  # on every process
     if accelerator.is_main_process:
+        remove_previous_run(output_dir, previous)
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_incomplete_checkpoints(output_dir)
     return accelerator
@@ -490,6 +502,7 @@ def run_training_loop(
     )
     step_start = train_start = time.perf_counter()
     out_of_time = False
+    skipped_images = 0
     while global_step < args.max_train_steps and not out_of_time:
         if not data.streaming:
             dataloader.set_epoch(epoch)
@@ -499,6 +512,8 @@ def run_training_loop(
         for batch in epoch_loader:
             if data.streaming:
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            if isinstance(batch, dict) and "num_skipped" in batch:  # unreadable files replaced by a neighbour
+                skipped_images += int(batch["num_skipped"].sum())
             logs = step_fn(batch, global_step)
             if not accelerator.sync_gradients:
                 continue
@@ -516,6 +531,8 @@ def run_training_loop(
             scalars = {k: accelerator.reduce(v.to(accelerator.device), "mean").item() for k, v in logs.items()}
             scalars.update({f"lr/{name}": opt.param_groups[0]["lr"] for name, opt in optimizers.items()})
             scalars["throughput/images_per_s"] = args.train_batch_size / max(elapsed, 1e-9)
+            skipped = torch.tensor(float(skipped_images), device=accelerator.device)
+            scalars["data/skipped_images"] = accelerator.reduce(skipped, "sum").item()  # this run, all processes
             if accelerator.is_main_process:
                 history.append(global_step, scalars)
             accelerator.log(scalars, step=global_step)
@@ -528,6 +545,12 @@ def run_training_loop(
                     logger.info(f"--max_train_minutes {args.max_train_minutes} reached at step {global_step}")
             final_step = global_step == args.max_train_steps or out_of_time
             if global_step % args.checkpointing_steps == 0 or final_step:
+                if not weights_finite(accelerator, optimizers.values()):  # never save a checkpoint that is broken
+                    raise RuntimeError(
+                        f"non-finite weights after step {global_step} (the losses were finite). Stopping; the last "
+                        f"good checkpoint is {last_checkpoint or 'none (no checkpoint saved yet)'}. Try a lower "
+                        "learning rate, bf16 instead of fp16, or resume from that checkpoint."
+                    )
                 last_checkpoint = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
                 logger.info(f"saved {last_checkpoint}")
             if validate and args.validation_steps and global_step % args.validation_steps == 0:
