@@ -1,0 +1,232 @@
+#!/usr/bin/env python
+"""Stage 1 of latent diffusion: a KL autoencoder trained with L1 + LPIPS + KL + PatchGAN (SPEC section 6).
+
+    accelerate launch training/train_vae.py --recipe sit-xl-2-sdvae --dataset_name ILSVRC/imagenet-1k \
+        --streaming --output_dir my-vae
+
+    # offline, on your own image folder, taming/LDM's adaptive GAN weight, GAN from step 5000
+    python training/train_vae.py --recipe tiny-cpu --train_data_dir ./my_images --resolution 64 --no_lpips \
+        --adaptive_disc_weight --disc_start 5000 --mixed_precision no --output_dir my-vae
+
+The loss is the one `train_repae.py` optimises, minus the alignment term: the same `VAEReconstructionLoss`
+and discriminator update (``diffusers_repae.training.vae_step``). The architecture comes from the recipe's
+``vae/config.json`` (or ``--vae`` to continue from a trained AutoencoderKL). At the end ``--output_dir`` holds a
+plain diffusers ``AutoencoderKL`` (``config.json`` + safetensors) whose ``latents_mean``/``latents_std`` are
+measured on the training data (posterior samples, ``scaling_factor`` 1.0), so it drops into
+``train_ldm.py --vae`` and ``train_repae.py --vae`` as it is; plus ``discriminator/``, ``reconstructions.png``
+(real | reconstruction pairs), ``loss_curves.png`` and a model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+from accelerate.logging import get_logger
+
+from diffusers_repae.cli import run_cli
+from diffusers_repae.training.checkpointing import (
+    LossHistory,
+    PerProcessState,
+    ProcessGenerators,
+    RunSettings,
+    register_checkpoint_state,
+)
+from diffusers_repae.training.data import add_data_args, build_dataloader, training_data_from_args
+from diffusers_repae.training.latent_stats import dataset_latent_stats, with_latent_stats
+from diffusers_repae.training.repae_step import RepaEHyperParameters, RepaEModels, VAEWithPosterior
+from diffusers_repae.training.trainer import (
+    add_run_args,
+    add_vae_loss_args,
+    build_vae_loss,
+    check_run_args,
+    check_vae_loss_args,
+    grid_image,
+    load_starting_discriminator,
+    load_starting_vae,
+    make_adamw,
+    per_process_batch_size,
+    plot_loss_curves,
+    resume_and_start_trackers,
+    run_training_loop,
+    setup_accelerator,
+)
+from diffusers_repae.training.vae_step import reconstruction_pairs, vae_train_step
+
+logger = get_logger(__name__, log_level="INFO")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Train a KL autoencoder (L1 + LPIPS + KL + PatchGAN) and export a diffusers AutoencoderKL.",
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    models = parser.add_argument_group("model")
+    models.add_argument(
+        "--recipe",
+        type=str,
+        default="sit-xl-2-sdvae",
+        help="Recipe (pipelines/ name or folder) whose vae/config.json gives the architecture (random weights).",
+    )
+    models.add_argument(
+        "--vae",
+        type=str,
+        default=None,
+        help="Start from this AutoencoderKL folder (or a pipeline folder with vae/) instead of random weights.",
+    )
+    add_vae_loss_args(parser)
+    opt, log = add_run_args(parser, tracker_project_name="train_vae")
+    log.add_argument(
+        "--num_validation_images", type=int, default=8, help="Images in the real | reconstruction validation grid."
+    )
+    log.add_argument(
+        "--latent_stats_images",
+        type=int,
+        default=10_000,
+        help="Training images whose latents give the exported latents_mean/latents_std (0: all of them).",
+    )
+    add_data_args(parser)
+    parser.set_defaults(output_dir="vae-output", validation_steps=1000)
+    args = parser.parse_args(argv)
+    check_vae_loss_args(args)
+    check_run_args(args)
+    if args.num_validation_images < 1 or args.latent_stats_images < 0:
+        raise ValueError("--num_validation_images must be >= 1 and --latent_stats_images >= 0.")
+    return args
+
+
+def validation_batch(data, count: int) -> torch.Tensor:
+    """The first ``count`` training images (uint8 ``[N, 3, H, W]``): the same ones at every validation."""
+    images = []
+    for i, sample in enumerate(data.dataset):
+        if i >= count:
+            break
+        images.append(sample["pixel_values"])
+    return torch.stack(images)
+
+
+def save_reconstructions(vae, images: torch.Tensor, path: Path) -> None:
+    """Real | reconstruction pairs, four pairs per row."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid_image(reconstruction_pairs(vae, images), columns=8).save(path)
+
+
+def measured_latent_stats(args, vae, data):
+    """Per-channel statistics of the trained VAE's posterior samples over the (first N) training images, in dataset
+    order with epoch 0's flips (the same images whenever training stopped)."""
+    data.dataset.set_epoch(0)
+    loader = torch.utils.data.DataLoader(data.dataset, batch_size=64, shuffle=False, num_workers=0)
+    generator = torch.Generator().manual_seed(args.seed)
+    return dataset_latent_stats(vae, loader, generator=generator, max_images=args.latent_stats_images or None)
+
+
+def model_card(args, data, stats, num_params: int, global_step: int) -> str:
+    gan = (
+        "never active" if args.disc_start >= global_step or args.disc_weight == 0
+        else f"from step {args.disc_start}, weight {args.disc_weight}"
+        + (" x the adaptive (gradient-ratio) weight" if args.adaptive_disc_weight else "")
+    )  # fmt: skip
+    lines = [
+        "---",
+        "library_name: diffusers",
+        "tags: [autoencoder-kl, vae, latent-diffusion]",
+        "---",
+        f"# KL autoencoder ({Path(args.output_dir).name})",
+        "",
+        f"Trained with `training/train_vae.py` from {args.vae or f'recipe `{args.recipe}` (random init)'} for "
+        f"{global_step} steps (global batch {args.train_batch_size}, {args.resolution} px) on `{data.source}`. "
+        f"{num_params:,} parameters.",
+        "",
+        f"Loss: {args.l1_weight} x L1 + {args.lpips_weight} x LPIPS + {args.kl_weight} x KL + PatchGAN hinge ({gan}).",
+        "",
+        f"`latents_mean` / `latents_std` were measured on {stats.count:,} latent values per channel (posterior "
+        "samples of the training images). Load it with",
+        "```py",
+        "from diffusers import AutoencoderKL",
+        f'vae = AutoencoderKL.from_pretrained("{args.output_dir}")',
+        "```",
+        "and use it with `train_ldm.py --vae` or `train_repae.py --vae`.",
+        "",
+    ]
+    if args.lpips_weight == 0:
+        lines += ["**Trained without the LPIPS perceptual term** (`--lpips_weight 0`): expect blurrier images.", ""]
+    if data.attribution:
+        lines += ["## Training data licence", "", data.attribution, ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    accelerator = setup_accelerator(args)
+    per_process = per_process_batch_size(args, accelerator)
+
+    with accelerator.main_process_first():
+        data = training_data_from_args(args, args.seed, accelerator.process_index, accelerator.num_processes)
+    dataloader = build_dataloader(data, per_process, args.dataloader_num_workers, seed=args.seed)
+    validation_images = validation_batch(data, args.num_validation_images) if accelerator.is_main_process else None
+
+    vae = load_starting_vae(args)
+    discriminator = load_starting_discriminator(args)
+    vae_loss = build_vae_loss(args, accelerator.device)
+    vae_module = VAEWithPosterior(vae)
+    optimizer_vae = make_adamw(args, vae_module.parameters(), args.vae_learning_rate)
+    optimizer_disc = make_adamw(args, discriminator.parameters(), args.disc_learning_rate)
+    vae_module, discriminator, optimizer_vae, optimizer_disc = accelerator.prepare(
+        vae_module, discriminator, optimizer_vae, optimizer_disc
+    )
+    if not data.streaming:
+        dataloader = accelerator.prepare(dataloader)
+    models = RepaEModels(
+        vae=vae_module, transformer=None, projector=None, discriminator=discriminator, latent_norm=None,
+        encoders=[], vae_loss=vae_loss, optimizer_vae=optimizer_vae, optimizer_disc=optimizer_disc,
+        optimizer_sit=None,
+    )  # fmt: skip
+    generators = ProcessGenerators(accelerator, args.seed)
+    history = LossHistory()
+    settings = RunSettings(recipe=str(args.vae or args.recipe), resolution=args.resolution)
+    register_checkpoint_state(accelerator, run=settings, generators=generators, history=history)
+    if data.streaming:
+        register_checkpoint_state(accelerator, stream=PerProcessState(accelerator, data.dataset))
+    hp = RepaEHyperParameters(max_grad_norm=args.max_grad_norm)
+
+    global_step, resume = resume_and_start_trackers(args, accelerator)
+    num_params = sum(p.numel() for p in vae.parameters())
+    logger.info(f"***** VAE training: {num_params:,} parameters, {data.source}, {args.max_train_steps} steps *****")
+
+    def step_fn(batch: dict, step: int) -> dict:
+        return vae_train_step(accelerator, models, hp, batch, generators.generator, step)
+
+    def validate(step: int) -> None:
+        save_reconstructions(vae, validation_images, output_dir / "validation" / f"step-{step:07d}.png")
+
+    optimizers = {"vae": optimizer_vae, "disc": optimizer_disc}
+    global_step = run_training_loop(
+        args, accelerator, data, dataloader, step_fn, optimizers, history, global_step, resume, validate,
+        postfix_keys=("vae/loss", "disc/loss"),
+    )  # fmt: skip
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        trained = accelerator.unwrap_model(vae_module).vae.eval()
+        stats = measured_latent_stats(args, trained, data)
+        with_latent_stats(trained, stats).save_pretrained(output_dir)
+        accelerator.unwrap_model(discriminator).save_pretrained(output_dir / "discriminator")
+        save_reconstructions(trained, validation_images, output_dir / "reconstructions.png")
+        (output_dir / "README.md").write_text(model_card(args, data, stats, num_params, global_step))
+        if history.records:
+            plot_loss_curves(history, output_dir / "loss_curves.png")
+        logger.info(
+            f"AutoencoderKL saved to {output_dir}: latents_mean {[round(v, 4) for v in stats.mean.tolist()]}, "
+            f"latents_std {[round(v, 4) for v in stats.std.tolist()]}"
+        )
+    accelerator.end_training()
+    return output_dir
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run_cli(main)
