@@ -10,7 +10,6 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
 from diffusers_repae import (
-    DIFFUSERS_ENTRY_POINT,
     FlowMatchEulerMaruyamaScheduler,
     FlowMatchHeunScheduler,
     RepaEPipeline,
@@ -407,14 +406,12 @@ def test_save_and_load_round_trip(pipe, tmp_path):
         loaded([1, 2], generator=torch.Generator().manual_seed(0), **kwargs).images, expected, rtol=0, atol=0
     )
 
-    # Plain diffusers resolves `_class_name` inside the diffusers package only ...
-    with pytest.raises(AttributeError, match="RepaEPipeline"):
+    # Plain diffusers finds the code saved beside the weights, and asks before running it (tests/test_remote_code.py
+    # loads it without diffusers_repae installed).
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
         DiffusionPipeline.from_pretrained(tmp_path)
-    # ... its custom-pipeline loader works with the entry-point file shipped in this package.
-    generic = DiffusionPipeline.from_pretrained(
-        tmp_path, custom_pipeline=DIFFUSERS_ENTRY_POINT, trust_remote_code=True
-    )
-    assert type(generic) is RepaEPipeline
+    generic = DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(generic).__name__ == "RepaEPipeline" and type(generic).__module__.startswith("diffusers_modules.")
     generic.set_progress_bar_config(disable=True)
     torch.testing.assert_close(
         generic([1, 2], generator=torch.Generator().manual_seed(0), **kwargs).images, expected, rtol=0, atol=0

@@ -11,7 +11,7 @@ from .models import (
     normalize_latents,
     vae_config,
 )
-from .pipelines import DIFFUSERS_ENTRY_POINT, RepaEPipeline, load_imagenet_id2label
+from .pipelines import RepaEPipeline, load_imagenet_id2label, push_folder_to_hub
 from .recipes import build_component, build_from_recipe, list_recipes, load_component_config, resolve_recipe
 from .schedulers import (
     FlowMatchEulerMaruyamaScheduler,
@@ -24,11 +24,11 @@ from .schedulers import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "DIFFUSERS_ENTRY_POINT",
     "FlowMatchEulerMaruyamaScheduler",
     "FlowMatchHeunScheduler",
     "RepaEPipeline",
     "load_imagenet_id2label",
+    "push_folder_to_hub",
     "repae_ode_sigmas",
     "scheduler_for_sampler",
     "set_repae_timesteps",

@@ -14,12 +14,16 @@ from pathlib import Path
 # The repository's top-level pipelines/ folder, installed as this package (setup.py maps it into the wheel, and
 # editable installs map the folder itself): one copy in git, found the same way from a wheel or a checkout.
 RECIPES_PACKAGE = "diffusers_repae.recipe_folders"
-RECIPES_DIR = Path(str(resources.files(RECIPES_PACKAGE)))
+
+
+def recipes_dir() -> Path:
+    """The folder holding the shipped recipes (looked up when asked, not at import)."""
+    return Path(str(resources.files(RECIPES_PACKAGE)))
 
 
 def list_recipes() -> list[str]:
     """Names of the recipes shipped with the package (the repository's ``pipelines/``)."""
-    return sorted(p.name for p in RECIPES_DIR.iterdir() if (p / "model_index.json").is_file())
+    return sorted(p.name for p in recipes_dir().iterdir() if (p / "model_index.json").is_file())
 
 
 def resolve_recipe(name_or_path: str | Path) -> Path:
@@ -27,7 +31,7 @@ def resolve_recipe(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if (path / "model_index.json").is_file():
         return path
-    candidate = RECIPES_DIR / str(name_or_path)
+    candidate = recipes_dir() / str(name_or_path)
     if (candidate / "model_index.json").is_file():
         return candidate
     raise ValueError(

@@ -18,6 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..models.transformer_sit import SiTTransformer2DModel
 from ..models.vae import denormalize_latents
 from ..schedulers import scheduler_for_sampler, set_repae_timesteps
+from .hub import RepaEHubMixin
 
 logger = logging.get_logger(__name__)
 
@@ -49,7 +50,7 @@ def load_imagenet_id2label() -> dict[str, str]:
     return json.loads(IMAGENET_CLASSES_FILE.read_text(encoding="utf-8"))
 
 
-class RepaEPipeline(DiffusionPipeline):
+class RepaEPipeline(RepaEHubMixin, DiffusionPipeline):
     r"""
     Class-conditional generation with a SiT velocity model in a VAE's normalised latent space (REPA / REPA-E).
 
