@@ -58,6 +58,7 @@ from diffusers_repae.training.trainer import (
     parse_encoder_paths,
     per_process_batch_size,
     plot_loss_curves,
+    push_output_to_hub,
     recipe_sampling_defaults,
     resume_and_start_trackers,
     run_training_loop,
@@ -402,6 +403,7 @@ def main(argv: list[str] | None = None) -> Path:
         if history.records:
             plot_loss_curves(history, output_dir / "loss_curves.png")
         logger.info(f"saved to {output_dir} (loss curves: {output_dir / 'loss_curves.png'})")
+        push_output_to_hub(args, output_dir)
     accelerator.end_training()
     return output_dir
 

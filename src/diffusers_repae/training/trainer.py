@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..models.discriminator import PatchGANDiscriminator
 from ..models.latent_norm import LatentBatchNorm
+from ..pipelines.hub import push_folder_to_hub
 from ..recipes import build_component, resolve_recipe
 from .checkpointing import (
     LossHistory,
@@ -169,7 +170,28 @@ def add_run_args(parser: argparse.ArgumentParser, tracker_project_name: str) -> 
         default=10_000,
         help="Write validation images (samples of the EMA model; train_vae.py: reconstructions) every N steps.",
     )
+    log.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        help="Upload the exported folder (pipeline with its code, or LoRA; model card, plots) to the Hub at the "
+        "end; checkpoints and logs stay local.",
+    )
+    log.add_argument(
+        "--hub_model_id", type=str, default=None, help="Hub repository (user/name); default: --output_dir's name."
+    )
+    log.add_argument("--hub_token", type=str, default=None, help="Hub token; default: the one `hf auth login` stored.")
     return opt, log
+
+
+def push_output_to_hub(args: argparse.Namespace, output_dir: Path) -> str | None:
+    """``--push_to_hub``: upload what the run exported (not checkpoints, logs or hidden files); the repo id."""
+    if not args.push_to_hub:
+        return None
+    skip = ["checkpoint-*", "checkpoint-*/**", f"{args.logging_dir}/**", ".*", ".*/**"]
+    repo_id = args.hub_model_id or Path(output_dir).resolve().name
+    return push_folder_to_hub(
+        output_dir, repo_id, args.hub_token, commit_message="End of training", ignore_patterns=skip
+    )
 
 
 def check_sit_training_args(args: argparse.Namespace) -> None:
