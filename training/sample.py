@@ -14,7 +14,7 @@ import torch
 from diffusers.utils import make_image_grid
 
 from diffusers_repae import RepaEPipeline
-from diffusers_repae.cli import refuse_overwrite, run_cli
+from diffusers_repae.cli import UserError, refuse_overwrite, run_cli
 from diffusers_repae.recipes import resolve_recipe
 from diffusers_repae.schedulers import SAMPLERS
 from diffusers_repae.training.lora import load_lora_into_pipeline
@@ -87,6 +87,8 @@ def parse_label(label: str) -> int | str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     refuse_overwrite(args.output, "--output", {"--pretrained": args.pretrained, "--lora": args.lora}, overwrite=True)
+    if Path(args.output).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise UserError(f"--output {args.output!r} must end in .png, .jpg or .webp (the grid is an image).")
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     pipe = load_pipeline(args.pretrained)

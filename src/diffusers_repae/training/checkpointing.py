@@ -86,6 +86,8 @@ def check_output_dir(output_dir: str | Path, resume_from_checkpoint: str | None,
         raise UserError("--overwrite starts over and --resume_from_checkpoint continues: pass only one of them.")
     if root.exists() and not root.is_dir():
         raise UserError(f"--output_dir {str(output_dir)!r} is a file, not a folder.")
+    if resume_from_checkpoint:
+        resolve_resume_checkpoint(resume_from_checkpoint, root)  # a bad name fails now, not after model loading
     previous = list_checkpoints(root) + [root / name for name in RUN_OUTPUTS if (root / name).exists()]
     if not previous or resume_from_checkpoint:
         return []

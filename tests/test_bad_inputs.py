@@ -1,0 +1,379 @@
+"""A catalogue of bad inputs over the pipeline, every CLI, the converters and evaluation.
+
+Each case asserts its outcome class: the exception type (library calls) or exit status 2 with one ``error: ...``
+line and no traceback (scripts, run in-process through the shared ``run_cli`` wrapper), a message naming the
+argument, and that nothing on disk changed. Accepted inputs that used to fail (natural label types, a callback
+returning None) are catalogued as ``ok`` cases.
+"""
+
+import importlib.util
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
+
+from diffusers_repae import RepaEPipeline, build_component
+from diffusers_repae.cli import run_cli
+from diffusers_repae.schedulers import FlowMatchEulerMaruyamaScheduler, FlowMatchHeunScheduler
+
+ROOT = Path(__file__).resolve().parents[1]
+_MODULES = {}
+
+
+def script(name: str):
+    """A script of training/ or conversion/ as a module (imported once)."""
+    if name not in _MODULES:
+        folder = "conversion" if name.startswith("convert_") else "training"
+        spec = importlib.util.spec_from_file_location(f"catalogue_{name}", ROOT / folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _MODULES[name] = module
+    return _MODULES[name]
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """A workspace shared by every CLI case: images, a VAE, a finished run, a foreign folder, files."""
+    root = tmp_path_factory.mktemp("catalogue")
+    rng = np.random.default_rng(0)
+    for name in ("red", "blue"):
+        (root / "images" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(
+                root / "images" / name / f"{i}.png"
+            )
+    torch.manual_seed(0)
+    build_component("tiny-cpu", "vae").save_pretrained(root / "vae")
+    (root / "run" / "checkpoint-2").mkdir(parents=True)
+    (root / "run" / "model_index.json").write_text("{}")
+    (root / "foreign").mkdir()
+    (root / "foreign" / "notes.txt").write_text("mine")
+    np.savez(root / "ref.npz", np.zeros((2, 8, 8, 3), np.uint8))
+    np.savez(root / "samples.npz", np.zeros((2, 8, 8, 3), np.uint8))
+    torch.save({"model": Payload(root / "code-ran")}, root / "payload.pt")
+    (root / "existing.npz").write_bytes(b"keep")
+    return root
+
+
+def snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+# (script, argv with {ws} placeholders, text the message must contain)
+CLI_CASES = [
+    # sample.py
+    ("sample", ["--pretrained", "{ws}/missing", "--class_labels", "0"], "missing"),
+    (
+        "sample",
+        ["--pretrained", "tiny-cpu", "--class_labels", "0", "--num_inference_steps", "0"],
+        "num_inference_steps",
+    ),
+    (
+        "sample",
+        ["--pretrained", "tiny-cpu", "--class_labels", "no such class", "--num_inference_steps", "1"],
+        "class_labels",
+    ),
+    ("sample", ["--pretrained", "tiny-cpu", "--class_labels", "0", "--output", "{ws}/vae/config.json"], "--output"),
+    (
+        "sample",
+        ["--pretrained", "tiny-cpu", "--class_labels", "0", "--guidance_scale", "nan", "--num_inference_steps", "1"],
+        "guidance_scale",
+    ),
+    # sample_fid.py
+    (
+        "sample_fid",
+        ["--pretrained", "tiny-cpu", "--output_dir", "{ws}/foreign", "--num_samples", "1", "--cpu"],
+        "--output_dir",
+    ),
+    (
+        "sample_fid",
+        ["--pretrained", "tiny-cpu", "--output_dir", "{ws}/new", "--num_samples", "0", "--cpu"],
+        "--num_samples",
+    ),
+    (
+        "sample_fid",
+        ["--pretrained", "tiny-cpu", "--output_dir", "{ws}/new", "--batch_size", "0", "--cpu"],
+        "--batch_size",
+    ),
+    ("sample_fid", ["--pretrained", "{ws}/vae", "--output_dir", "{ws}/vae/out", "--cpu"], "--pretrained"),
+    # evaluate.py
+    ("evaluate", ["--reference", "{ws}/nope.npz", "--samples", "{ws}/samples.npz"], "--reference"),
+    ("evaluate", ["--reference", "{ws}/ref.npz", "--samples", "{ws}/nope.npz"], "--samples"),
+    (
+        "evaluate",
+        ["--reference", "{ws}/ref.npz", "--samples", "{ws}/samples.npz", "--save_reference_features", "{ws}/ref.npz"],
+        "--save_reference_features",
+    ),
+    (
+        "evaluate",
+        ["--reference", "{ws}/ref.npz", "--samples", "{ws}/samples.npz", "--save_reference_features", "{ws}/ref"],
+        "--save_reference_features",
+    ),
+    (
+        "evaluate",
+        ["--reference", "{ws}/ref.npz", "--samples", "{ws}/samples.npz", "--output_json", "{ws}/samples.npz"],
+        "--output_json",
+    ),
+    (
+        "evaluate",
+        ["--reference", "{ws}/ref.npz", "--samples", "{ws}/samples.npz", "--output_json", "{ws}/existing.npz"],
+        "--overwrite",
+    ),
+    (
+        "evaluate",
+        ["--reference", "{ws}/ref.npz", "--samples", "{ws}/samples.npz", "--batch_size", "0"],
+        "--batch_size",
+    ),
+    # eval_vae.py
+    ("eval_vae", ["--vae", "{ws}/vae", "--images", "{ws}/nope", "--feature_extractor", "none"], "--images"),
+    ("eval_vae", ["--vae", "{ws}/vae", "--images", "{ws}/ref.npz", "--output_json", "{ws}/ref.npz"], "--output_json"),
+    (
+        "eval_vae",
+        ["--vae", "{ws}/vae", "--images", "{ws}/ref.npz", "--output_json", "{ws}/vae/config.json"],
+        "--output_json",
+    ),
+    # compute_latent_stats.py
+    (
+        "compute_latent_stats",
+        ["--vae", "{ws}/vae", "--write", "{ws}/vae", "--train_data_dir", "{ws}/images"],
+        "--write",
+    ),
+    (
+        "compute_latent_stats",
+        ["--vae", "{ws}/vae", "--write", "{ws}/foreign", "--train_data_dir", "{ws}/images"],
+        "--overwrite",
+    ),
+    (
+        "compute_latent_stats",
+        ["--vae", "{ws}/vae", "--plot", "{ws}/images/red/0.png", "--train_data_dir", "{ws}/images"],
+        "--plot",
+    ),
+    (
+        "compute_latent_stats",
+        ["--vae", "{ws}/vae", "--batch_size", "0", "--train_data_dir", "{ws}/images"],
+        "--batch_size",
+    ),
+    # cache_latents.py
+    (
+        "cache_latents",
+        ["--vae", "{ws}/vae", "--output_dir", "{ws}/foreign", "--train_data_dir", "{ws}/images"],
+        "--output_dir",
+    ),
+    (
+        "cache_latents",
+        ["--vae", "{ws}/vae", "--output_dir", "{ws}/images", "--train_data_dir", "{ws}/images"],
+        "--output_dir",
+    ),
+    (
+        "cache_latents",
+        ["--vae", "{ws}/vae", "--output_dir", "{ws}/new", "--train_data_dir", "{ws}/images", "--random_flip"],
+        "--random_flip",
+    ),
+    (
+        "cache_latents",
+        ["--vae", "{ws}/vae", "--output_dir", "{ws}/new", "--train_data_dir", "{ws}/images", "--batch_size", "0"],
+        "--batch_size",
+    ),
+    # dataset_to_npz.py
+    ("dataset_to_npz", ["--train_data_dir", "{ws}/images", "--output", "{ws}/existing.npz"], "--overwrite"),
+    ("dataset_to_npz", ["--train_data_dir", "{ws}/images", "--output", "{ws}/images/x.npz"], "--train_data_dir"),
+    (
+        "dataset_to_npz",
+        ["--train_data_dir", "{ws}/images", "--output", "{ws}/new.npz", "--num_images", "0"],
+        "--num_images",
+    ),
+    # converters
+    (
+        "convert_vae_to_diffusers",
+        ["--checkpoint", "{ws}/nope.pt", "--arch", "f8d4", "--output_dir", "{ws}/new"],
+        "nope.pt",
+    ),
+    (
+        "convert_vae_to_diffusers",
+        ["--checkpoint", "{ws}/payload.pt", "--arch", "f8d4", "--output_dir", "{ws}/new"],
+        "payload.pt",
+    ),
+    (
+        "convert_vae_to_diffusers",
+        ["--checkpoint", "{ws}/payload.pt", "--arch", "f8d4", "--output_dir", "{ws}/foreign"],
+        "--overwrite",
+    ),
+    (
+        "convert_vae_to_diffusers",
+        ["--checkpoint", "{ws}/vae/config.json", "--arch", "f8d4", "--output_dir", "{ws}/vae"],
+        "--output_dir",
+    ),
+    ("convert_repae_to_diffusers", ["--checkpoint", "{ws}/nope.pt", "--output_dir", "{ws}/new"], "nope.pt"),
+    ("convert_repae_to_diffusers", ["--checkpoint", "{ws}/payload.pt", "--output_dir", "{ws}/new"], "payload.pt"),
+    ("convert_repae_to_diffusers", ["--checkpoint", "{ws}/payload.pt", "--output_dir", "{ws}/run"], "--overwrite"),
+    ("convert_repae_to_diffusers", ["--checkpoint", "{ws}/payload.pt", "--output_dir", "{ws}"], "--output_dir"),
+]
+TRAIN = ["--recipe", "tiny-cpu", "--train_data_dir", "{ws}/images", "--resolution", "32", "--mixed_precision", "no",
+         "--report_to", "none", "--dataloader_num_workers", "0", "--train_batch_size", "2"]  # fmt: skip
+LDM = [*TRAIN, "--vae", "{ws}/vae"]
+CLI_CASES += [
+    ("train_repae", [*TRAIN, "--output_dir", "{ws}/run"], "--output_dir"),
+    (
+        "train_repae",
+        [*TRAIN, "--output_dir", "{ws}/run", "--overwrite", "--resume_from_checkpoint", "latest"],
+        "--overwrite",
+    ),
+    (
+        "train_repae",
+        [*TRAIN, "--output_dir", "{ws}/run", "--resume_from_checkpoint", "checkpoint-9"],
+        "--resume_from_checkpoint",
+    ),
+    ("train_repae", [*TRAIN, "--output_dir", "{ws}/new", "--train_batch_size", "0"], "--train_batch_size"),
+    ("train_repae", [*TRAIN, "--output_dir", "{ws}/new", "--ema_decay", "2"], "--ema_decay"),
+    ("train_repae", [*TRAIN, "--output_dir", "{ws}/new", "--cfg_prob", "1"], "--cfg_prob"),
+    ("train_repae", [*TRAIN, "--output_dir", "{ws}/images/red/0.png"], "--output_dir"),
+    ("train_ldm", [*TRAIN, "--output_dir", "{ws}/new"], "--vae"),
+    ("train_ldm", [*LDM, "--output_dir", "{ws}/new", "--lora_rank", "-1"], "--lora_rank"),
+    ("train_ldm", [*LDM, "--output_dir", "{ws}/new", "--lora_rank", "4"], "--lora_rank"),
+    ("train_ldm", [*LDM, "--output_dir", "{ws}/new", "--new_classes"], "--new_classes"),
+    ("train_ldm", [*LDM, "--output_dir", "{ws}/run"], "--output_dir"),
+    ("train_ldm", [*LDM, "--output_dir", "{ws}/run", "--resume_from_checkpoint", "{ws}/foreign"], "checkpoint-<step>"),
+]
+
+
+@pytest.mark.parametrize(("name", "argv", "expected"), CLI_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CLI_CASES)])
+def test_cli_user_error_is_one_line_exit_2_and_touches_nothing(ws, capsys, name, argv, expected):
+    argv = [a.replace("{ws}", str(ws)) for a in argv]
+    module = script(name)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    before = snapshot(ws)
+    with pytest.raises(SystemExit) as caught:
+        run_cli(module.main, argv)
+    err = capsys.readouterr().err
+    assert caught.value.code == 2, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Traceback" not in err, err[-2000:]
+    assert expected.replace("{ws}", str(ws)) in last, last
+    assert snapshot(ws) == before, "the failed command changed files"
+    assert not (ws / "code-ran").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.manual_seed(0)
+    pipe = RepaEPipeline.from_recipe("tiny-cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _shape(pipe, batch=1):
+    c = pipe.transformer.config
+    return (batch, c.in_channels, c.sample_size, c.sample_size)
+
+
+def _nan_latents(pipe):
+    latents = torch.zeros(_shape(pipe))
+    latents[0, 0, 0, 0] = float("nan")
+    return latents
+
+
+PIPELINE_CASES = [
+    (lambda p: dict(guidance_scale=float("nan")), ValueError, "guidance_scale"),
+    (lambda p: dict(guidance_scale=float("inf")), ValueError, "guidance_scale"),
+    (lambda p: dict(guidance_scale="2"), ValueError, "guidance_scale"),
+    (lambda p: dict(latents=_nan_latents(p)), ValueError, "latents"),
+    (lambda p: dict(latents=torch.full(_shape(p), float("inf"))), ValueError, "latents"),
+    (lambda p: dict(latents=torch.zeros(1, 1, 2, 2)), ValueError, "latents"),
+    (lambda p: dict(latents=[[0.0]]), TypeError, "latents"),
+    (lambda p: dict(class_labels=1.5), TypeError, "class_labels"),
+    (lambda p: dict(class_labels=None), TypeError, "class_labels"),
+    (lambda p: dict(class_labels={"a": 1}), TypeError, "class_labels"),
+    (lambda p: dict(class_labels=[0, 1.5]), TypeError, "class_labels"),
+    (lambda p: dict(class_labels=torch.tensor([0.5])), TypeError, "class_labels"),
+    (lambda p: dict(class_labels=np.array([1.0])), TypeError, "class_labels"),
+    (lambda p: dict(class_labels=torch.tensor([True])), TypeError, "class_labels"),
+    (lambda p: dict(class_labels=[]), ValueError, "class_labels"),
+    (lambda p: dict(class_labels=[10_000]), ValueError, "class_labels"),
+    (lambda p: dict(class_labels=torch.tensor(-1)), ValueError, "class_labels"),
+    (lambda p: dict(class_labels="no such class"), ValueError, "class_labels"),
+    (lambda p: dict(generator=0), TypeError, "generator"),
+    (lambda p: dict(generator=[torch.Generator()] * 3), ValueError, "generator"),
+    (lambda p: dict(num_inference_steps=0), ValueError, "num_inference_steps"),
+    (lambda p: dict(num_inference_steps=2.5), ValueError, "num_inference_steps"),
+    (lambda p: dict(guidance_interval=(0.8, 0.2)), ValueError, "guidance_interval"),
+    (lambda p: dict(guidance_interval=(float("nan"), 1.0)), ValueError, "guidance_interval"),
+    (lambda p: dict(output_type="jpg"), ValueError, "output_type"),
+    (lambda p: dict(sampler="nope"), ValueError, "sampler"),
+    (lambda p: dict(callback_on_step_end=lambda *a: 5), TypeError, "callback_on_step_end"),
+    (lambda p: dict(callback_on_step_end_tensor_inputs=["noise"]), ValueError, "callback_on_step_end_tensor_inputs"),
+    (lambda p: dict(num_images_per_label=0), ValueError, "num_images_per_label"),
+    (lambda p: dict(sampling_dtype=torch.int32), ValueError, "sampling_dtype"),
+]
+
+
+@pytest.mark.parametrize(("make", "error", "expected"), PIPELINE_CASES, ids=[c[2] for c in PIPELINE_CASES])
+def test_pipeline_rejects_with_the_argument_named(pipe, make, error, expected):
+    call = dict(class_labels=[0], num_inference_steps=1, output_type="latent") | make(pipe)
+    with pytest.raises(error, match=expected):
+        pipe(**call)
+
+
+ACCEPTED = [
+    ("tensor", lambda: torch.tensor([1, 2]), [1, 2]),
+    ("0-d tensor", lambda: torch.tensor(3), [3]),
+    ("numpy array", lambda: np.array([[0], [4]]), [0, 4]),
+    ("numpy scalar", lambda: np.int64(5), [5]),
+    ("list with 0-d tensor and numpy int", lambda: [torch.tensor(1), np.int32(2)], [1, 2]),
+]
+
+
+@pytest.mark.parametrize(("labels", "ids"), [c[1:] for c in ACCEPTED], ids=[c[0] for c in ACCEPTED])
+def test_natural_label_types_are_accepted(pipe, labels, ids):
+    assert pipe.get_label_ids(labels()) == ids
+
+
+def test_callback_returning_none_changes_nothing(pipe):
+    call = dict(class_labels=[0], num_inference_steps=2, output_type="latent")
+    plain = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    seen = []
+    quiet = pipe(
+        **call, generator=torch.Generator().manual_seed(0), callback_on_step_end=lambda p, i, t, kw: seen.append(i)
+    ).images
+    assert seen == [0, 1] and torch.equal(plain, quiet)
+
+
+@pytest.mark.parametrize("field", ["sigmas", "timesteps"])
+@pytest.mark.parametrize("cls", [FlowMatchHeunScheduler, FlowMatchEulerMaruyamaScheduler])
+def test_non_finite_timesteps_are_refused(cls, field):
+    with pytest.raises(ValueError, match=f"{field} must be finite"):
+        cls().set_timesteps(**{field: [float("nan"), 0.5]})
+
+
+def test_heun_from_euler_maruyama_config_is_quiet(pipe, caplog):
+    from diffusers.utils import logging as dlogging
+
+    dlogging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            scheduler = FlowMatchHeunScheduler.from_config(FlowMatchEulerMaruyamaScheduler(t_last=0.04).config)
+    finally:
+        dlogging.disable_propagation()
+    assert "will be ignored" not in caplog.text and scheduler.config.num_train_timesteps == 1000
+
+
+def test_payload_marker_never_created(ws):
+    """The converters refused payload.pt above; the marker its unpickling would create does not exist."""
+    assert not (ws / "code-ran").exists()
+    assert pickle.loads(pickle.dumps(1)) == 1 and json.loads("1") == 1
