@@ -47,11 +47,14 @@ from diffusers_repae.training.encoders import load_vision_encoders
 from diffusers_repae.training.latent_cache import load_latent_cache
 from diffusers_repae.training.ldm_step import CachedLatentsWithImages, ldm_train_step
 from diffusers_repae.training.lora import DEFAULT_LORA_TARGETS, add_sit_lora, grow_class_table, save_sit_lora
+from diffusers_repae.training.model_card import PIPELINE_TAGS, save_model_card
 from diffusers_repae.training.repae_step import RepaEHyperParameters, RepaEModels, ema_target
 from diffusers_repae.training.trainer import (
     SAMPLING_DEFAULT_KEYS,
     add_sit_training_args,
     check_sit_training_args,
+    enable_gradient_checkpointing,
+    global_batch_size,
     latent_size,
     log_validation,
     make_adamw,
@@ -246,19 +249,16 @@ def export_pipeline(models: RepaEModels, vae, scheduler, id2label, settings) -> 
     )
 
 
-def model_card(args, data, num_params: dict[str, int], global_step: int) -> str:
+def model_card(args, data, num_params: dict[str, int], global_step: int, global_batch: int) -> str:
+    """Body of the README.md (metadata: `save_model_card`): what was trained, from what, on what."""
     start = args.pretrained_model_name_or_path or f"recipe `{args.recipe}`"
     mode = f"LoRA rank {args.lora_rank}" if args.lora_rank else "all SiT weights"
     latents = f"from the cache {args.latents_dir}" if args.latents_dir else "encoded on the fly"
     lines = [
-        "---",
-        "library_name: diffusers",
-        "tags: [repa, repa-e, sit, class-conditional, image-generation]",
-        "---",
         f"# SiT trained on a frozen VAE ({Path(args.output_dir).name})",
         "",
         f"Trained with `training/train_ldm.py` from {start} for {global_step} steps ({mode}; global batch "
-        f"{args.train_batch_size}, {args.resolution} px) on `{data.source}` ({data.num_classes} classes"
+        f"{global_batch}, {args.resolution} px) on `{data.source}` ({data.num_classes} classes"
         f"{', added as new classes' if args.new_classes else ''}), aligned with `{args.enc_type}` after SiT block "
         f"{args.encoder_depth}. Latents {latents}.",
         "",
@@ -327,6 +327,7 @@ def main(argv: list[str] | None = None) -> Path:
     elif args.new_classes:
         grow_class_table(transformer, data.num_classes)
 
+    enable_gradient_checkpointing(args, transformer)
     optimizer = make_adamw(args, list(transformer.parameters()) + list(projector.parameters()), args.learning_rate)
     if args.compile:
         transformer = torch.compile(transformer)
@@ -399,7 +400,10 @@ def main(argv: list[str] | None = None) -> Path:
         else:
             export_pipeline(models, vae, scheduler, id2label, settings).save_pretrained(output_dir)
         accelerator.unwrap_model(projector).save_pretrained(output_dir / "projector")
-        (output_dir / "README.md").write_text(model_card(args, data, num_params, global_step))
+        card = model_card(args, data, num_params, global_step, global_batch_size(args, accelerator.num_processes))
+        base_model = args.pretrained_model_name_or_path or args.vae
+        tags = [*PIPELINE_TAGS, "lora"] if args.lora_rank else PIPELINE_TAGS
+        save_model_card(output_dir, card, data.source, base_model=base_model, tags=tags)
         if history.records:
             plot_loss_curves(history, output_dir / "loss_curves.png")
         logger.info(f"saved to {output_dir} (loss curves: {output_dir / 'loss_curves.png'})")

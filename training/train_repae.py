@@ -29,6 +29,7 @@ from diffusers_repae.training.checkpointing import (
 )
 from diffusers_repae.training.data import add_data_args, build_dataloader, training_data_from_args
 from diffusers_repae.training.ema import ModelEMA
+from diffusers_repae.training.model_card import PIPELINE_TAGS, save_model_card
 from diffusers_repae.training.repae_step import (
     RepaEHyperParameters,
     RepaEModels,
@@ -42,6 +43,8 @@ from diffusers_repae.training.trainer import (
     build_vae_loss,
     check_sit_training_args,
     check_vae_loss_args,
+    enable_gradient_checkpointing,
+    global_batch_size,
     latent_size,
     load_starting_discriminator,
     load_starting_vae,
@@ -105,17 +108,13 @@ def build_pipeline(args, accelerator, models: RepaEModels, data) -> RepaEPipelin
     )
 
 
-def model_card(args, data, num_params: dict[str, int], global_step: int) -> str:
-    """README.md of the exported pipeline: what was trained, how, on what, and the data's licence."""
+def model_card(args, data, num_params: dict[str, int], global_step: int, global_batch: int) -> str:
+    """Body of the exported pipeline's README.md (metadata: `save_model_card`): what was trained, how, on what."""
     lines = [
-        "---",
-        "library_name: diffusers",
-        "tags: [repa-e, sit, class-conditional, image-generation]",
-        "---",
         f"# REPA-E end-to-end training output ({Path(args.output_dir).name})",
         "",
         f"Trained with `training/train_repae.py` from recipe `{args.recipe}` for {global_step} steps "
-        f"(global batch {args.train_batch_size}, {args.resolution} px) on `{data.source}` "
+        f"(global batch {global_batch}, {args.resolution} px) on `{data.source}` "
         f"({data.num_classes} classes), aligned with `{args.enc_type}` after SiT block {args.encoder_depth}.",
         "",
         "The transformer is the EMA SiT; the VAE carries the EMA latent BatchNorm statistics as "
@@ -202,6 +201,7 @@ def main(argv: list[str] | None = None) -> Path:
     vae_loss = build_vae_loss(args, accelerator.device)
 
     vae_module = VAEWithPosterior(vae)
+    enable_gradient_checkpointing(args, transformer, vae)
     optimizer_vae = make_adamw(args, vae_module.parameters(), args.vae_learning_rate)
     optimizer_disc = make_adamw(args, discriminator.parameters(), args.disc_learning_rate)
     optimizer_sit = make_adamw(args, list(transformer.parameters()) + list(projector.parameters()), args.learning_rate)
@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> Path:
     }
     logger.info(f"***** REPA-E training: {num_params}, {len(data.dataset)} images, {data.num_classes} classes *****")
     logger.info(
-        f"  global batch {args.train_batch_size} = {accelerator.num_processes} processes x {per_process} x "
+        f"  global batch {global_batch_size(args, accelerator.num_processes)} = {accelerator.num_processes} "
+        f"processes x {per_process} x "
         f"{args.gradient_accumulation_steps} accumulation; {args.max_train_steps} steps"
     )
 
@@ -281,7 +282,9 @@ def main(argv: list[str] | None = None) -> Path:
         pipeline.save_pretrained(output_dir)
         accelerator.unwrap_model(projector).save_pretrained(output_dir / "projector")
         accelerator.unwrap_model(discriminator).save_pretrained(output_dir / "discriminator")
-        (output_dir / "README.md").write_text(model_card(args, data, num_params, global_step))
+        global_batch = global_batch_size(args, accelerator.num_processes)
+        card = model_card(args, data, num_params, global_step, global_batch)
+        save_model_card(output_dir, card, data.source, base_model=args.vae, tags=PIPELINE_TAGS)
         if history.records:
             plot_loss_curves(history, output_dir / "loss_curves.png")
         logger.info(f"pipeline saved to {output_dir} (loss curves: {output_dir / 'loss_curves.png'})")

@@ -36,6 +36,7 @@ from diffusers_repae.training.checkpointing import (
 )
 from diffusers_repae.training.data import add_data_args, build_dataloader, training_data_from_args
 from diffusers_repae.training.latent_stats import dataset_latent_stats, with_latent_stats
+from diffusers_repae.training.model_card import VAE_TAGS, save_model_card
 from diffusers_repae.training.repae_step import RepaEHyperParameters, RepaEModels, VAEWithPosterior
 from diffusers_repae.training.trainer import (
     add_run_args,
@@ -43,6 +44,8 @@ from diffusers_repae.training.trainer import (
     build_vae_loss,
     check_run_args,
     check_vae_loss_args,
+    enable_gradient_checkpointing,
+    global_batch_size,
     grid_image,
     load_starting_discriminator,
     load_starting_vae,
@@ -123,21 +126,18 @@ def measured_latent_stats(args, vae, data):
     return dataset_latent_stats(vae, loader, generator=generator, max_images=args.latent_stats_images or None)
 
 
-def model_card(args, data, stats, num_params: int, global_step: int) -> str:
+def model_card(args, data, stats, num_params: int, global_step: int, global_batch: int) -> str:
+    """Body of the README.md (metadata: `save_model_card`): what was trained, with which losses, on what."""
     gan = (
         "never active" if args.disc_start >= global_step or args.disc_weight == 0
         else f"from step {args.disc_start}, weight {args.disc_weight}"
         + (" x the adaptive (gradient-ratio) weight" if args.adaptive_disc_weight else "")
     )  # fmt: skip
     lines = [
-        "---",
-        "library_name: diffusers",
-        "tags: [autoencoder-kl, vae, latent-diffusion]",
-        "---",
         f"# KL autoencoder ({Path(args.output_dir).name})",
         "",
         f"Trained with `training/train_vae.py` from {args.vae or f'recipe `{args.recipe}` (random init)'} for "
-        f"{global_step} steps (global batch {args.train_batch_size}, {args.resolution} px) on `{data.source}`. "
+        f"{global_step} steps (global batch {global_batch}, {args.resolution} px) on `{data.source}`. "
         f"{num_params:,} parameters.",
         "",
         f"Loss: {args.l1_weight} x L1 + {args.lpips_weight} x LPIPS + {args.kl_weight} x KL + PatchGAN hinge ({gan}).",
@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> Path:
     discriminator = load_starting_discriminator(args)
     vae_loss = build_vae_loss(args, accelerator.device)
     vae_module = VAEWithPosterior(vae)
+    enable_gradient_checkpointing(args, vae)
     optimizer_vae = make_adamw(args, vae_module.parameters(), args.vae_learning_rate)
     optimizer_disc = make_adamw(args, discriminator.parameters(), args.disc_learning_rate)
     vae_module, discriminator, optimizer_vae, optimizer_disc = accelerator.prepare(
@@ -216,7 +217,9 @@ def main(argv: list[str] | None = None) -> Path:
         with_latent_stats(trained, stats).save_pretrained(output_dir)
         accelerator.unwrap_model(discriminator).save_pretrained(output_dir / "discriminator")
         save_reconstructions(trained, validation_images, output_dir / "reconstructions.png")
-        (output_dir / "README.md").write_text(model_card(args, data, stats, num_params, global_step))
+        global_batch = global_batch_size(args, accelerator.num_processes)
+        card = model_card(args, data, stats, num_params, global_step, global_batch)
+        save_model_card(output_dir, card, data.source, base_model=args.vae, tags=VAE_TAGS)
         if history.records:
             plot_loss_curves(history, output_dir / "loss_curves.png")
         logger.info(

@@ -19,6 +19,7 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL
+from diffusers.optimization import SchedulerType, get_scheduler
 from tqdm.auto import tqdm
 
 from ..models.discriminator import PatchGANDiscriminator
@@ -109,8 +110,10 @@ def add_run_args(parser: argparse.ArgumentParser, tracker_project_name: str) -> 
     opt.add_argument(
         "--train_batch_size",
         type=int,
-        default=256,
-        help="GLOBAL batch size per optimizer step (as the original): split over processes and accumulation.",
+        default=32,
+        help="Batch size PER DEVICE (process) and micro-step, as in diffusers' examples; the global batch is "
+        "train_batch_size x processes x gradient_accumulation_steps. The original's global 256: 8 GPUs x 32 "
+        "(accelerate launch --num_processes 8 ... --train_batch_size 32), or 1 GPU x 32 x 8 accumulation steps.",
     )
     opt.add_argument("--max_train_steps", type=int, default=400_000, help="Optimizer steps to train for.")
     opt.add_argument(
@@ -126,6 +129,29 @@ def add_run_args(parser: argparse.ArgumentParser, tracker_project_name: str) -> 
     opt.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay (every optimiser).")
     opt.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon (every optimiser).")
     opt.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (each model).")
+    opt.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant",
+        choices=[kind.value for kind in SchedulerType if kind != SchedulerType.PIECEWISE_CONSTANT],
+        help="Learning-rate schedule of every optimiser over --max_train_steps (diffusers.optimization; the "
+        "original: constant).",
+    )
+    opt.add_argument(
+        "--lr_warmup_steps", type=int, default=0, help="Optimizer steps of linear warm-up (schedules that have one)."
+    )
+    opt.add_argument(
+        "--use_8bit_adam",
+        action="store_true",
+        help="bitsandbytes' 8-bit AdamW instead of torch's fused AdamW (less optimizer memory; needs CUDA and "
+        "`pip install bitsandbytes`).",
+    )
+    opt.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute activations in the backward pass instead of storing them (less memory, about 30%% slower): "
+        "the SiT's blocks, and the VAE where it trains.",
+    )
     opt.add_argument(
         "--mixed_precision",
         type=str,
@@ -210,6 +236,8 @@ def check_run_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise ValueError(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}.")
+    if not 0 <= args.lr_warmup_steps <= args.max_train_steps:
+        raise ValueError(f"--lr_warmup_steps must be in [0, --max_train_steps], got {args.lr_warmup_steps}.")
 
 
 def add_vae_loss_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -363,29 +391,69 @@ def resume_and_start_trackers(args: argparse.Namespace, accelerator: Accelerator
 
 
 def per_process_batch_size(args: argparse.Namespace, accelerator: Accelerator) -> int:
-    """The global ``--train_batch_size`` split over processes and accumulation steps (it must divide evenly)."""
-    parts = accelerator.num_processes * args.gradient_accumulation_steps
-    if args.train_batch_size % parts:
-        raise ValueError(
-            f"--train_batch_size {args.train_batch_size} must be divisible by processes x accumulation steps "
-            f"({accelerator.num_processes} x {args.gradient_accumulation_steps})."
+    """Images per process and micro-step: ``--train_batch_size`` (per device, as in diffusers' examples)."""
+    return args.train_batch_size
+
+
+def global_batch_size(args: argparse.Namespace, num_processes: int) -> int:
+    """Images per optimizer step: per-device batch x processes x accumulation steps."""
+    return args.train_batch_size * num_processes * args.gradient_accumulation_steps
+
+
+def enable_gradient_checkpointing(args: argparse.Namespace, *models: torch.nn.Module) -> None:
+    """``--gradient_checkpointing``: diffusers' ``enable_gradient_checkpointing`` on each model that trains."""
+    if args.gradient_checkpointing:
+        for model in models:
+            model.enable_gradient_checkpointing()
+
+
+def make_lr_schedulers(
+    args: argparse.Namespace, optimizers: dict[str, torch.optim.Optimizer], global_step: int = 0
+) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
+    """``--lr_scheduler`` / ``--lr_warmup_steps`` on each optimiser (``diffusers.optimization.get_scheduler``),
+    counted in optimizer steps and positioned at ``global_step``.
+
+    The schedules are pure functions of the step, so a resumed run rebuilds them at its step instead of storing
+    them: the base rate is the optimiser's ``initial_lr`` (saved with its state), the current one follows.
+    """
+    schedulers = {}
+    for name, optimizer in optimizers.items():
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        schedulers[name] = get_scheduler(
+            args.lr_scheduler,
+            optimizer,
+            num_warmup_steps=args.lr_warmup_steps,
+            num_training_steps=args.max_train_steps,
+            last_epoch=global_step - 1,
         )
-    return args.train_batch_size // parts
+    return schedulers
 
 
-def make_adamw(args: argparse.Namespace, params, lr: float) -> torch.optim.AdamW:
+def make_adamw(args: argparse.Namespace, params, lr: float) -> torch.optim.Optimizer:
     """AdamW with the shared ``--adam_*`` flags over the trainable ``params``.
 
     ``fused=True``: one kernel for the whole update, 4x faster than the for-loop implementation on a SiT-B/2
-    step (benchmarks/bench_sit.py) and within 1.5e-8 of it after one step.
+    step (benchmarks/bench_sit.py) and within 1.5e-8 of it after one step. ``--use_8bit_adam``: bitsandbytes'
+    ``AdamW8bit`` (optional dependency, imported only then).
     """
-    return torch.optim.AdamW(
+    optimizer_class, extra = torch.optim.AdamW, {"fused": True}
+    if getattr(args, "use_8bit_adam", False):
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ValueError(
+                "--use_8bit_adam needs bitsandbytes, which is not installed: `pip install bitsandbytes` (CUDA), or "
+                "drop the flag."
+            ) from None
+        optimizer_class, extra = bnb.optim.AdamW8bit, {}
+    return optimizer_class(
         [p for p in params if p.requires_grad],
         lr=lr,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
-        fused=True,
+        **extra,
     )
 
 
@@ -511,9 +579,11 @@ def run_training_loop(
     checkpoints and validation; returns the final step.
 
     ``step_fn(batch, global_step)`` runs one (micro-)step and returns its loss terms. A non-finite loss on any
-    process stops every process with a message naming the last good checkpoint.
+    process stops every process with a message naming the last good checkpoint. Each optimiser's learning rate
+    follows ``--lr_scheduler`` (one scheduler step per optimizer step).
     """
     output_dir = Path(args.output_dir)
+    lr_schedulers = make_lr_schedulers(args, optimizers, global_step)
     batches_done = global_step * args.gradient_accumulation_steps
     if data.streaming:  # the restored stream state already sits at the right sample
         epoch, skip = 0, 0
@@ -552,7 +622,10 @@ def run_training_loop(
             step_start = time.perf_counter()
             scalars = {k: accelerator.reduce(v.to(accelerator.device), "mean").item() for k, v in logs.items()}
             scalars.update({f"lr/{name}": opt.param_groups[0]["lr"] for name, opt in optimizers.items()})
-            scalars["throughput/images_per_s"] = args.train_batch_size / max(elapsed, 1e-9)
+            for lr_scheduler in lr_schedulers.values():  # after logging the rate this step used
+                lr_scheduler.step()
+            images = global_batch_size(args, accelerator.num_processes)
+            scalars["throughput/images_per_s"] = images / max(elapsed, 1e-9)
             skipped = torch.tensor(float(skipped_images), device=accelerator.device)
             scalars["data/skipped_images"] = accelerator.reduce(skipped, "sum").item()  # this run, all processes
             if accelerator.is_main_process:
