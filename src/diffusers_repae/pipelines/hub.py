@@ -53,7 +53,8 @@ def library_namespace():
 def own_class_name(obj) -> str | None:
     """The stable name of ``obj``'s class if it is one of ours (exported by the package), else None."""
     cls = type(getattr(obj, "_orig_mod", obj))  # torch.compile wraps modules
-    if getattr(library_namespace(), cls.__name__, None) is cls:
+    defined_here = cls.__module__ == __name__ if _in_bundle() else cls.__module__.startswith(f"{LIBRARY}.")
+    if defined_here and getattr(library_namespace(), cls.__name__, None) is cls:
         return cls.__name__
     return None
 
@@ -251,6 +252,7 @@ def write_remote_code(pipeline, folder: str | Path) -> bool:
         )
         return False
     index["_class_name"] = [LIBRARY, type(pipeline).__name__]
+    index.pop("_name_or_path", None)  # where a reloaded pipeline came from: a local path, not for the Hub
     (folder / CODE_FILE).write_text(code, encoding="utf-8")
     for name, class_name in components.items():
         index[name] = [LIBRARY, class_name]
