@@ -10,7 +10,8 @@ export TRANSFORMERS_OFFLINE := 1
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+# .[dev] = the core plus every extra (lora, train, eval, demo) and the test/lint tools; users pick extras.
+$(VENV)/.installed: setup.cfg setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -e ".[dev]"
