@@ -3,7 +3,8 @@
 
     # stage 2 of REPA-E: a SiT on the frozen end-to-end tuned VAE, from cached latents
     accelerate launch training/train_ldm.py --recipe sit-xl-1-e2e-vavae-ldm --vae e2e-vavae-hf \
-        --latents_dir latents-in1k-256 --dataset_name ILSVRC/imagenet-1k --output_dir sit-xl-1-ldm
+        --latents_dir latents-in1k-256 --dataset_name ILSVRC/imagenet-1k --mixed_precision fp16 \
+        --output_dir sit-xl-1-ldm
 
     # adapt a pretrained pipeline to your own images with LoRA, its classes added to the label table
     accelerate launch training/train_ldm.py --pretrained_model_name_or_path repae-pipeline \
@@ -34,6 +35,7 @@ from diffusers import AutoencoderKL
 
 from diffusers_repae import LatentBatchNorm, RepaEPipeline, REPAProjector, SiTTransformer2DModel, build_component
 from diffusers_repae.recipes import load_component_config
+from diffusers_repae.schedulers import scheduler_for_path_type
 from diffusers_repae.training.checkpointing import (
     LossHistory,
     PerProcessState,
@@ -52,6 +54,7 @@ from diffusers_repae.training.repae_step import RepaEHyperParameters, RepaEModel
 from diffusers_repae.training.trainer import (
     SAMPLING_DEFAULT_KEYS,
     add_sit_training_args,
+    autocast_dtype,
     check_sit_training_args,
     enable_gradient_checkpointing,
     global_batch_size,
@@ -304,7 +307,7 @@ def main(argv: list[str] | None = None) -> Path:
     with accelerator.main_process_first():
         encoders = load_vision_encoders(
             args.enc_type, args.resolution, num_tokens, accelerator.device,
-            local_paths=parse_encoder_paths(args.encoder_paths),
+            local_paths=parse_encoder_paths(args.encoder_paths), autocast_dtype=autocast_dtype(accelerator),
         )  # fmt: skip
     projector = load_projector(args, transformer, encoders)
 
@@ -319,6 +322,7 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         scheduler, settings = build_component(args.recipe, "scheduler"), recipe_sampling_defaults(args.recipe)
     id2label.update({label_offset + k: v for k, v in data.id2label.items()})
+    scheduler = scheduler_for_path_type(scheduler, args.path_type)  # the SDE's score depends on the path
     if args.lora_rank:
         add_sit_lora(
             transformer, args.lora_rank, args.lora_alpha, args.lora_target_modules.split(","),
@@ -396,10 +400,11 @@ def main(argv: list[str] | None = None) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if args.lora_rank:
-            save_sit_lora(models.ema.model["transformer"], output_dir / "lora", id2label=id2label)
+            base_num_classes = label_offset if args.new_classes else None
+            save_sit_lora(models.ema.model["transformer"], output_dir / "lora", id2label, base_num_classes)
         else:
             export_pipeline(models, vae, scheduler, id2label, settings).save_pretrained(output_dir)
-        accelerator.unwrap_model(projector).save_pretrained(output_dir / "projector")
+        models.ema.model["projector"].save_pretrained(output_dir / "projector")  # the EMA, as the converter's
         card = model_card(args, data, num_params, global_step, global_batch_size(args, accelerator.num_processes))
         base_model = args.pretrained_model_name_or_path or args.vae
         tags = [*PIPELINE_TAGS, "lora"] if args.lora_rank else PIPELINE_TAGS

@@ -2,7 +2,7 @@
 """End-to-end REPA-E training: VAE + SiT + PatchGAN discriminator together (SPEC section 7).
 
     accelerate launch training/train_repae.py --recipe sit-xl-2-sdvae --vae path/to/sdvae-hf \
-        --dataset_name ILSVRC/imagenet-1k --streaming --output_dir repae-sit-xl-2
+        --dataset_name ILSVRC/imagenet-1k --streaming --mixed_precision fp16 --output_dir repae-sit-xl-2
 
 Each step: the VAE is updated with its reconstruction losses plus 1.5 x the REPA alignment loss through the
 frozen, eval-mode SiT (align-only pass); the discriminator with the hinge loss; the SiT with denoising +
@@ -20,6 +20,7 @@ import torch
 from accelerate.logging import get_logger
 
 from diffusers_repae import LatentBatchNorm, RepaEPipeline, build_component, load_component_config
+from diffusers_repae.schedulers import scheduler_for_path_type
 from diffusers_repae.training.checkpointing import (
     LossHistory,
     PerProcessState,
@@ -40,6 +41,7 @@ from diffusers_repae.training.repae_step import (
 from diffusers_repae.training.trainer import (
     add_sit_training_args,
     add_vae_loss_args,
+    autocast_dtype,
     build_vae_loss,
     check_sit_training_args,
     check_vae_loss_args,
@@ -63,6 +65,16 @@ from diffusers_repae.training.trainer import (
 
 logger = get_logger(__name__, log_level="INFO")
 
+# The VAE every recipe starts from (REPA-E always starts end-to-end tuning from a pretrained VAE).
+RECIPE_VAES = {
+    "sit-xl-2-sdvae": "SD-VAE f8d4 (sdvae-hf)",
+    "sit-b-2-sdvae": "SD-VAE f8d4 (sdvae-hf)",
+    "sit-xl-1-vavae": "VA-VAE f16d32 (vavae-hf)",
+    "sit-xl-1-invae": "IN-VAE f16d32 (invae-hf)",
+    "sit-xl-1-e2e-vavae-ldm": "E2E-VA-VAE f16d32 (e2e-vavae-hf; a train_ldm.py recipe)",
+    "tiny-cpu": "none published (the CPU demo starts from random weights)",
+}
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="End-to-end REPA-E training (VAE + SiT + discriminator).")
@@ -79,8 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=str,
         default=None,
         help="Starting VAE: an AutoencoderKL folder (or a pipeline folder with vae/), e.g. REPA-E's *-hf VAEs. "
-        "Without it the recipe's VAE starts from random weights. Its latents_mean/latents_std, when present, "
-        "initialise the latent BatchNorm.",
+        "Its latents_mean/latents_std, when present, initialise the latent BatchNorm. Every REPA-E recipe starts "
+        "from a pretrained VAE: "
+        + "; ".join(f"{recipe}: {vae}" for recipe, vae in RECIPE_VAES.items())
+        + ". Without --vae the recipe's VAE starts from RANDOM weights (a loud warning says so).",
     )
     parser.add_argument(
         "--vae_align_proj_coeff", type=float, default=1.5, help="Alignment weight in the VAE loss (end-to-end)."
@@ -102,7 +116,7 @@ def build_pipeline(args, accelerator, models: RepaEModels, data) -> RepaEPipelin
     return RepaEPipeline(
         transformer=models.ema.model["transformer"],
         vae=vae,
-        scheduler=build_component(args.recipe, "scheduler"),
+        scheduler=scheduler_for_path_type(build_component(args.recipe, "scheduler"), args.path_type),
         id2label={str(k): v for k, v in data.id2label.items()},
         **recipe_sampling_defaults(args.recipe),
     )
@@ -158,6 +172,13 @@ def main(argv: list[str] | None = None) -> Path:
     dataloader = build_dataloader(data, per_process, args.dataloader_num_workers, seed=args.seed)
 
     # Models from the recipe.
+    if args.vae is None:
+        expected = RECIPE_VAES.get(Path(args.recipe).name, "the pretrained VAE of its family")
+        logger.warning(
+            f"\n{'!' * 100}\nNO --vae: the VAE starts from RANDOM weights, unlike every REPA-E recipe, which starts "
+            f"from a pretrained VAE (recipe {args.recipe!r}: {expected}).\nPass --vae PATH unless a random "
+            f"start is what you want.\n{'!' * 100}"
+        )
     vae = load_starting_vae(args)
     size = latent_size(vae, args.resolution)
     transformer = build_component(
@@ -180,6 +201,7 @@ def main(argv: list[str] | None = None) -> Path:
             num_tokens,
             accelerator.device,
             local_paths=parse_encoder_paths(args.encoder_paths),
+            autocast_dtype=autocast_dtype(accelerator),  # targets under the training's autocast, as the original
         )
     projector = build_component(
         args.recipe,
@@ -280,7 +302,7 @@ def main(argv: list[str] | None = None) -> Path:
     if accelerator.is_main_process:
         pipeline = build_pipeline(args, accelerator, models, data)
         pipeline.save_pretrained(output_dir)
-        accelerator.unwrap_model(projector).save_pretrained(output_dir / "projector")
+        models.ema.model["projector"].save_pretrained(output_dir / "projector")  # the EMA, as the converter's
         accelerator.unwrap_model(discriminator).save_pretrained(output_dir / "discriminator")
         global_batch = global_batch_size(args, accelerator.num_processes)
         card = model_card(args, data, num_params, global_step, global_batch)

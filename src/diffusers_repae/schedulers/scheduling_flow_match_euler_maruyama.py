@@ -2,9 +2,11 @@
 
 Linear flow path ``x_t = (1 - t) x + t eps`` with t = 1 pure noise; the model predicts the velocity
 ``v = eps - x``. The reverse SDE uses diffusion ``w(t) = 2 t`` and the score recovered from the velocity,
-``s = -((1 - t) v + x) / t``, so the drift is ``d = v - w s / 2``. Each of the first ``N - 1`` steps on the grid
-``linspace(1, t_last, N)`` is ``x <- x + d dt + sqrt(w) sqrt(|dt|) n``; the last step from ``t_last`` to 0 is the
-deterministic ``x + d dt`` (the score blows up at t = 0, hence the stop at ``t_last``).
+``s = -((1 - t) v + x) / t``, so the drift is ``d = v - w s / 2``. For the cosine path ``x_t = alpha_t x + sigma_t
+eps`` (``alpha = cos(pi t / 2)``, ``sigma = sin(pi t / 2)``) the score is the original's general form
+``s = (r v - x) / (sigma^2 - r sigma' sigma)`` with ``r = alpha / alpha'``. Each of the first ``N - 1`` steps on
+the grid ``linspace(1, t_last, N)`` is ``x <- x + d dt + sqrt(w) sqrt(|dt|) n``; the last step from ``t_last`` to 0
+is the deterministic ``x + d dt`` (the score blows up at t = 0, hence the stop at ``t_last``).
 
 Why not diffusers' ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)``: that one predicts ``x0`` and
 re-noises it to the next sigma (``x' = (1 - t') x0 + t' n``), i.e. it throws the whole state's noise away each step
@@ -87,6 +89,27 @@ class _StepIndexMixin:
         return sample
 
 
+# (alpha_t, sigma_t, d alpha_t / dt, d sigma_t / dt) of ``x_t = alpha_t x + sigma_t eps`` (SPEC section 1).
+PATH_COEFFICIENTS = {
+    "linear": lambda t: (1.0 - t, t, -1.0, 1.0),
+    "cosine": lambda t: (
+        math.cos(t * math.pi / 2),
+        math.sin(t * math.pi / 2),
+        -math.pi / 2 * math.sin(t * math.pi / 2),
+        math.pi / 2 * math.cos(t * math.pi / 2),
+    ),
+}
+
+
+def score_from_velocity(velocity: torch.Tensor, sample: torch.Tensor, t: float, path_type: str) -> torch.Tensor:
+    """The score of ``x_t`` from the velocity, as the original: ``(r v - x) / (sigma^2 - r sigma' sigma)``,
+    ``r = alpha / alpha'``. Linear path: ``-((1 - t) v + x) / t``; cosine: ``-(2 / pi) cot(pi t / 2) v - x``."""
+    alpha, sigma, d_alpha, d_sigma = PATH_COEFFICIENTS[path_type](t)
+    ratio = alpha / d_alpha
+    variance = sigma**2 - ratio * d_sigma * sigma
+    return (ratio * velocity - sample) / variance
+
+
 def check_num_inference_steps(num_inference_steps: int) -> None:
     if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}.")
@@ -94,7 +117,7 @@ def check_num_inference_steps(num_inference_steps: int) -> None:
 
 class FlowMatchEulerMaruyamaScheduler(_StepIndexMixin, SchedulerMixin, ConfigMixin):
     r"""
-    Euler-Maruyama sampler of REPA-E / REPA / SiT for the linear flow path (velocity prediction, t = 1 is noise).
+    Euler-Maruyama sampler of REPA-E / REPA / SiT (velocity prediction, t = 1 is noise), linear or cosine path.
 
     ``set_timesteps(N)`` builds the time grid ``linspace(1, t_last, N)`` followed by 0, so there are N model
     evaluations. ``timesteps`` are ``t * num_train_timesteps`` (diffusers convention); ``sigmas`` hold the times
@@ -105,15 +128,19 @@ class FlowMatchEulerMaruyamaScheduler(_StepIndexMixin, SchedulerMixin, ConfigMix
     Args:
         num_train_timesteps (`int`, defaults to 1000): Scale of ``timesteps`` (``t * num_train_timesteps``).
         t_last (`float`, defaults to 0.04): Last time of the stochastic grid; the final step to 0 is deterministic.
+        path_type (`str`, defaults to `"linear"`): The interpolant the model was trained on (``train_*.py
+            --path_type``), ``"linear"`` or ``"cosine"``: it decides the score recovered from the velocity.
     """
 
     order = 1
     init_noise_sigma = 1.0
 
     @register_to_config
-    def __init__(self, num_train_timesteps: int = 1000, t_last: float = 0.04):
+    def __init__(self, num_train_timesteps: int = 1000, t_last: float = 0.04, path_type: str = "linear"):
         if not 0.0 < t_last < 1.0:
             raise ValueError(f"t_last must be in (0, 1), got {t_last}.")
+        if path_type not in PATH_COEFFICIENTS:
+            raise ValueError(f"path_type must be one of {sorted(PATH_COEFFICIENTS)}, got {path_type!r}.")
         self.timesteps: torch.Tensor | None = None
         self.sigmas: torch.Tensor | None = None
         self.num_inference_steps: int | None = None
@@ -168,7 +195,7 @@ class FlowMatchEulerMaruyamaScheduler(_StepIndexMixin, SchedulerMixin, ConfigMix
         dt = t_next - t
         velocity = model_output.to(sample.dtype)
         diffusion = 2.0 * t
-        score = -((1.0 - t) * velocity + sample) / t
+        score = score_from_velocity(velocity, sample, t, self.config.path_type)
         drift = velocity - 0.5 * diffusion * score
         prev_sample = sample + drift * dt
         if t_next > 0.0:
@@ -181,3 +208,13 @@ class FlowMatchEulerMaruyamaScheduler(_StepIndexMixin, SchedulerMixin, ConfigMix
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+
+def scheduler_for_path_type(scheduler, path_type: str):
+    """The sampler of a model trained on ``path_type``: the SDE's score depends on the path, so an Euler-Maruyama
+    scheduler is rebuilt with it in its config (saved with the pipeline); ODE samplers only integrate the velocity
+    and are returned as they are."""
+    if isinstance(scheduler, FlowMatchEulerMaruyamaScheduler) and scheduler.config.path_type != path_type:
+        config = {key: value for key, value in scheduler.config.items() if not key.startswith("_")}
+        return FlowMatchEulerMaruyamaScheduler.from_config({**config, "path_type": path_type})
+    return scheduler
