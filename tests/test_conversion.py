@@ -517,3 +517,14 @@ def test_every_original_model_name_converts_without_hints(variant, patch):
     assert config["patch_size"] == patch and config["sample_size"] == 32
     # the name is not even needed: depth and width pick the variant
     assert infer_sit_config(split_sit_state_dict(original), {})["num_attention_heads"] == heads
+
+
+@pytest.mark.parametrize("path_type", ["linear", "cosine"])
+def test_converted_sde_scheduler_keeps_the_training_path_type(repae_checkpoint, path_type):
+    """Issue 13 item 8: a cosine-trained checkpoint samples with the cosine score (the SDE stores the path)."""
+    checkpoint = dict(repae_checkpoint["ckpt"])
+    checkpoint["args"] = argparse.Namespace(**{**vars(checkpoint["args"]), "path_type": path_type})
+    from diffusers_repae.conversion import convert_training_checkpoint
+
+    converted = convert_training_checkpoint(checkpoint)
+    assert converted.scheduler.config.path_type == path_type

@@ -155,3 +155,40 @@ def test_lpips_loads_local_torchvision_vgg_weights(tmp_path):
     torch.testing.assert_close(getattr(model.net.slice5, "28").bias, features[28].bias)
     with pytest.raises(ValueError, match="lpips_vgg_path"):
         load_lpips(vgg_weights_path=tmp_path / "missing.pth")
+
+
+def reference_lpips(model, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """LPIPS v0.1 written out on what VGG is fed (before the scaling layer): scale with the published shift/scale,
+    unit-normalise each VGG stage's channels, squared difference, the learned 1x1 head, spatial mean, sum."""
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+    feats_a, feats_b = model.net((a - shift) / scale), model.net((b - shift) / scale)
+    total = 0.0
+    for k, (fa, fb) in enumerate(zip(feats_a, feats_b)):
+        fa = fa / (fa.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
+        fb = fb / (fb.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
+        total = total + model.lins[k](((fa - fb) ** 2)).mean(dim=(2, 3), keepdim=True)
+    return total
+
+
+@pytest.mark.parametrize("input_range", ["correct", "original"])
+def test_lpips_input_range_against_the_lpips_formula(random_lpips, input_range):
+    """Issue 13 item 6: 'correct' feeds VGG the [-1, 1] images LPIPS expects; 'original' reproduces REPA-E, whose
+    LPIPS maps its [-1, 1] input by x * 2 - 1 again, so VGG sees [-3, 1]."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    x_hat = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)
+    mean, logvar = torch.zeros(2, 4, 8, 8), torch.zeros(2, 4, 8, 8)
+    terms = VAEReconstructionLoss(random_lpips, lpips_input_range=input_range)(x, x_hat, mean, logvar, None)
+    seen = (x, x_hat) if input_range == "correct" else (x * 2 - 1, x_hat * 2 - 1)
+    assert seen[0].min() < -2.5 if input_range == "original" else seen[0].min() >= -1
+    with torch.no_grad():
+        expected = reference_lpips(random_lpips, *seen).mean()
+    torch.testing.assert_close(terms["lpips"], expected, rtol=1e-5, atol=1e-6)
+    other = "original" if input_range == "correct" else "correct"
+    with torch.no_grad():
+        assert (terms["lpips"] - VAEReconstructionLoss(random_lpips, lpips_input_range=other)(
+            x, x_hat, mean, logvar, None
+        )["lpips"]).abs() > 1e-4  # fmt: skip
+    with pytest.raises(ValueError, match="lpips_input_range"):
+        VAEReconstructionLoss(random_lpips, lpips_input_range="[0, 1]")

@@ -195,3 +195,47 @@ def test_sde_without_noise_would_be_wrong():
         v = gaussian_velocity(x, t)
         x = x + (v + ((1 - t) * v + x)) * (t_next - t)
     assert abs(x.std().item() - S) > 0.1
+
+
+# ------------------------------------------------------------------------------- the cosine path (issue 13 item 8)
+def cosine_gaussian_velocity(x: torch.Tensor, t: float) -> torch.Tensor:
+    """Exact E[v | x_t] for x_t = cos(pi t / 2) x0 + sin(pi t / 2) eps, v = d/dt x_t, with x0 ~ N(MU, S^2)."""
+    a, s = math.cos(math.pi * t / 2), math.sin(math.pi * t / 2)
+    da, ds = -math.pi / 2 * s, math.pi / 2 * a
+    var_t = a**2 * S**2 + s**2
+    centred = x - a * MU
+    return da * (MU + a * S**2 / var_t * centred) + ds * (s / var_t * centred)
+
+
+def test_sde_step_cosine_path_score():
+    """On the cosine path alpha / alpha' = -(2 / pi) cot(pi t / 2) and sigma^2 + cos^2 = 1, so the original's score
+    (r v - x) / (sigma^2 - r sigma' sigma) is -(2 / pi) cot(pi t / 2) v - x."""
+    scheduler = FlowMatchEulerMaruyamaScheduler(path_type="cosine")
+    scheduler.set_timesteps(5)
+    x = torch.randn(3, 4, 2, 2, dtype=torch.float64)
+    v = torch.randn(3, 4, 2, 2, dtype=torch.float64)
+    t, t_next = 1.0 - 0.96 / 4 * 3, 0.04  # fourth step of linspace(1, 0.04, 5)
+    scheduler.set_begin_index(3)
+    out = scheduler.step(v, scheduler.timesteps[3], x, generator=torch.Generator().manual_seed(3)).prev_sample
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    score = -(2 / math.pi) / math.tan(math.pi * t / 2) * v - x
+    w, dt = 2 * t, t_next - t
+    expected = x + (v - 0.5 * w * score) * dt + math.sqrt(w) * math.sqrt(abs(dt)) * noise
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+def test_sde_cosine_path_reproduces_the_gaussian_target_and_is_stored_in_the_config(tmp_path):
+    n = 20_000
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(n, 1, 1, 1, generator=generator, dtype=torch.float64)
+    scheduler = FlowMatchEulerMaruyamaScheduler(path_type="cosine")
+    samples, _ = run(scheduler, cosine_gaussian_velocity, noise.clone(), 250, generator=generator)
+    assert abs(samples.mean().item() - MU) < 0.015 and abs(samples.std().item() - S) < 0.015
+    # the linear path's score on a cosine-trained field samples something else
+    wrong, _ = run(FlowMatchEulerMaruyamaScheduler(), cosine_gaussian_velocity, noise.clone(), 250, generator)
+    assert abs(wrong.mean().item() - MU) > 0.05 or abs(wrong.std().item() - S) > 0.05
+    scheduler.save_pretrained(tmp_path)
+    assert FlowMatchEulerMaruyamaScheduler.from_pretrained(tmp_path).config.path_type == "cosine"
+    assert scheduler_for_sampler("sde", scheduler.config).config.path_type == "cosine"
+    with pytest.raises(ValueError, match="path_type"):
+        FlowMatchEulerMaruyamaScheduler(path_type="vp")

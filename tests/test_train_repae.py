@@ -188,8 +188,10 @@ def test_train_step_updates_ema_with_bn_buffers():
     assert {"vae/loss", "disc/loss", "sit/denoising_loss", "grad_norm/sit", "grad_norm/vae"} <= set(logs)
     current = ema_target(accelerator, models).state_dict()
     after = models.ema.model.state_dict()
-    for key in ("transformer.proj_out.weight", "latent_norm.running_mean", "latent_norm.running_var"):
+    keys = ("transformer.proj_out.weight", "projector.projectors.0.4.weight", "latent_norm.running_mean")
+    for key in (*keys, "latent_norm.running_var"):  # the projector too: the original's EMA covers the whole SiT
         torch.testing.assert_close(after[key], 0.5 * before[key] + 0.5 * current[key])
+    assert not torch.equal(after["projector.projectors.0.4.weight"], before["projector.projectors.0.4.weight"])
     assert after["latent_norm.num_batches_tracked"] == 1
 
 
@@ -249,11 +251,13 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_resume_is_bit_identical_and_export_loads(tiny_setup, tmp_path):
+def test_resume_is_bit_identical_and_export_loads(tiny_setup, tmp_path, caplog):
     from diffusers_repae import RepaEPipeline
 
     straight, split = tmp_path / "straight", tmp_path / "split"
-    _run(_argv(tiny_setup, straight, 4))  # 3 batches per epoch: the resumed half crosses an epoch boundary
+    with caplog.at_level("WARNING"):
+        _run(_argv(tiny_setup, straight, 4))  # 3 batches per epoch: the resumed half crosses an epoch boundary
+    assert "NO --vae: the VAE starts from RANDOM weights" in caplog.text  # no --vae in _argv: a loud warning
     _run(_argv(tiny_setup, split, 2))
     _run(_argv(tiny_setup, split, 4, "--resume_from_checkpoint", "latest"))
     a, b = _tensors(straight / "checkpoint-4"), _tensors(split / "checkpoint-4")
@@ -277,6 +281,8 @@ def test_resume_is_bit_identical_and_export_loads(tiny_setup, tmp_path):
         ema["latent_norm.running_var"].double().sqrt(),
     )
     torch.testing.assert_close(pipe.transformer.proj_out.weight, ema["transformer.proj_out.weight"])
+    projector = load_file(straight / "projector" / "diffusion_pytorch_model.safetensors")
+    assert torch.equal(projector["projectors.0.4.weight"], ema["projector.projectors.0.4.weight"])  # EMA projector
     images = pipe(
         class_labels=["red", 0], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np"
     ).images

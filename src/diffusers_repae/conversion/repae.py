@@ -19,6 +19,7 @@ from ..models.discriminator import PatchGANDiscriminator
 from ..models.projector import REPAProjector
 from ..models.transformer_sit import SiTTransformer2DModel
 from ..recipes import build_component, resolve_recipe
+from ..schedulers import scheduler_for_path_type
 from .loading import (
     ConversionError,
     check_state_dict,
@@ -202,6 +203,7 @@ def convert_training_checkpoint(
 
         scheduler = FlowMatchEulerMaruyamaScheduler()
         notes.append("no shipped recipe matches this model: default Euler-Maruyama scheduler, no guidance default")
+    scheduler = scheduler_for_path_type(scheduler, args.get("path_type", "linear"))  # the SDE's score needs it
     if "id2label" not in settings and sit_config["num_classes"] == 1000:
         from ..pipelines import load_imagenet_id2label
 

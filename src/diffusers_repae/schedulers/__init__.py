@@ -1,4 +1,8 @@
-from .scheduling_flow_match_euler_maruyama import FlowMatchEulerMaruyamaScheduler, FlowMatchSchedulerOutput
+from .scheduling_flow_match_euler_maruyama import (
+    FlowMatchEulerMaruyamaScheduler,
+    FlowMatchSchedulerOutput,
+    scheduler_for_path_type,
+)
 from .scheduling_flow_match_ode import (
     SAMPLERS,
     FlowMatchHeunScheduler,
@@ -17,6 +21,7 @@ __all__ = [
     "is_flow_matching",
     "repae_ode_sigmas",
     "repae_sigmas",
+    "scheduler_for_path_type",
     "scheduler_for_sampler",
     "set_repae_timesteps",
 ]

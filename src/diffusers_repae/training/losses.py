@@ -11,6 +11,9 @@ from torch import nn
 
 PATH_TYPES = ("linear", "cosine")
 WEIGHTINGS = ("uniform", "lognormal")
+# "correct": LPIPS gets [-1, 1], the range it expects. "original": REPA-E's LPIPS maps its [-1, 1] input by
+# x * 2 - 1 again, so VGG sees [-3, 1]; the published VAEs were trained with that objective.
+LPIPS_INPUT_RANGES = ("correct", "original")
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -143,8 +146,9 @@ class VAEReconstructionLoss(nn.Module):
     off), with ``d_weight = disc_weight`` (REPA-E) or, with ``adaptive_disc_weight``, taming/LDM's balance
     ``disc_weight * ||dL_rec/dW|| / (||dL_gan/dW|| + 1e-4)`` (clamped to [0, 1e4], no gradient) over the decoder's
     last layer ``W``. Discriminator: ``disc_factor`` x the hinge loss. The GAN terms start at ``disc_start``.
-    LPIPS receives images in [-1, 1] with ``normalize=False``, the range it expects (the original fed [-1, 1]
-    while claiming [0, 1]). ``lpips`` may be None when ``lpips_weight`` is 0 (offline runs without VGG weights).
+    LPIPS receives images in [-1, 1] with ``normalize=False``, the range it expects; ``lpips_input_range=
+    "original"`` reproduces REPA-E, which fed [-1, 1] to an LPIPS mapping ``x * 2 - 1`` (VGG sees [-3, 1]).
+    ``lpips`` may be None when ``lpips_weight`` is 0 (offline runs without VGG weights).
     """
 
     def __init__(
@@ -157,8 +161,10 @@ class VAEReconstructionLoss(nn.Module):
         disc_start: int = 0,
         disc_factor: float = 1.0,
         adaptive_disc_weight: bool = False,
+        lpips_input_range: str = "correct",
     ):
         super().__init__()
+        _check_choice("lpips_input_range", lpips_input_range, LPIPS_INPUT_RANGES)
         if lpips is None and lpips_weight != 0:
             raise ValueError(f"lpips_weight is {lpips_weight} but no LPIPS model was given; pass one or use 0.")
         self.lpips = lpips
@@ -169,6 +175,7 @@ class VAEReconstructionLoss(nn.Module):
         self.disc_start = disc_start
         self.disc_factor = disc_factor
         self.adaptive_disc_weight = adaptive_disc_weight
+        self.lpips_input_range = lpips_input_range
 
     def gan_active(self, global_step: int) -> bool:
         return self.disc_weight > 0 and self.disc_factor > 0 and global_step >= self.disc_start
@@ -192,7 +199,8 @@ class VAEReconstructionLoss(nn.Module):
             images, reconstructions = images.float(), reconstructions.float()
             terms = {"l1": (images - reconstructions).abs().mean()}
             if self.lpips_weight != 0:
-                terms["lpips"] = self.lpips(images, reconstructions, normalize=False).mean()
+                original_range = self.lpips_input_range == "original"  # lpips' normalize maps x -> 2x - 1
+                terms["lpips"] = self.lpips(images, reconstructions, normalize=original_range).mean()
             else:
                 terms["lpips"] = torch.zeros((), device=images.device)
             terms["kl"] = kl_loss(mean, logvar)

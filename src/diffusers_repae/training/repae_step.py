@@ -267,10 +267,12 @@ def sit_pass(
 
 
 def ema_target(accelerator: Accelerator, models: RepaEModels) -> nn.ModuleDict:
-    """The modules the EMA follows: the SiT and the latent BN (whose running statistics it averages)."""
+    """The modules the EMA follows: the SiT, the REPA projector and the latent BN (whose running statistics it
+    averages), i.e. everything the original's single SiT module holds, whose EMA covers it all."""
     transformer = accelerator.unwrap_model(models.transformer)
     transformer = getattr(transformer, "_orig_mod", transformer)  # torch.compile wrapper
-    return nn.ModuleDict({"transformer": transformer, "latent_norm": models.latent_norm})
+    projector = accelerator.unwrap_model(models.projector)
+    return nn.ModuleDict({"transformer": transformer, "projector": projector, "latent_norm": models.latent_norm})
 
 
 def train_step(

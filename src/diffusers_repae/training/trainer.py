@@ -39,7 +39,7 @@ from .checkpointing import (
     weights_finite,
 )
 from .data import TrainingData
-from .losses import PATH_TYPES, WEIGHTINGS, VAEReconstructionLoss, load_lpips
+from .losses import LPIPS_INPUT_RANGES, PATH_TYPES, WEIGHTINGS, VAEReconstructionLoss, load_lpips
 
 logger = logging.getLogger(__name__)
 
@@ -155,12 +155,21 @@ def add_run_args(parser: argparse.ArgumentParser, tracker_project_name: str) -> 
     opt.add_argument(
         "--mixed_precision",
         type=str,
-        default="fp16",
+        default=None,
         choices=["no", "fp16", "bf16"],
-        help="Autocast precision (the original: fp16). The alignment cosine and the VAE losses stay fp32. Use "
-        "'no' on CPU.",
+        help="Autocast precision. Default: what `accelerate launch --mixed_precision` or the accelerate config "
+        "says ('no' without either); a value here overrides both. The original trains in fp16 (the recipes' "
+        "commands pass --mixed_precision fp16). The alignment cosine and the VAE losses stay fp32.",
     )
-    opt.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls/convolutions on Ampere+.")
+    opt.add_argument(
+        "--allow_tf32",
+        action="store_true",
+        default=True,
+        help="TF32 matmuls/convolutions on CUDA Ampere+ (on by default, as in the original).",
+    )
+    opt.add_argument(
+        "--no_allow_tf32", dest="allow_tf32", action="store_false", help="Full fp32 matmuls/convolutions (no TF32)."
+    )
     opt.add_argument(
         "--dataloader_num_workers", type=int, default=4, help="DataLoader worker processes (0: main process)."
     )
@@ -261,6 +270,14 @@ def add_vae_loss_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         default=None,
         help="Local torchvision vgg16 state dict (.pth/.safetensors) for LPIPS, instead of downloading it.",
     )
+    group.add_argument(
+        "--lpips_input_range",
+        type=str,
+        default="correct",
+        choices=LPIPS_INPUT_RANGES,
+        help="'correct' (default): LPIPS sees images in [-1, 1], the range it expects. 'original': as REPA-E, whose "
+        "LPIPS maps its [-1, 1] input by x * 2 - 1 again (VGG sees [-3, 1]): the published VAEs' exact objective.",
+    )
     group.add_argument("--kl_weight", type=float, default=1e-6, help="Weight of the KL term.")
     group.add_argument("--disc_weight", type=float, default=0.1, help="Weight of the generator's GAN term.")
     group.add_argument("--disc_start", type=int, default=0, help="Step from which the GAN terms are active.")
@@ -310,7 +327,7 @@ def build_vae_loss(args: argparse.Namespace, device: torch.device) -> VAEReconst
         logger.warning("LPIPS perceptual loss DISABLED (--lpips_weight 0 / --no_lpips).")
     return VAEReconstructionLoss(
         lpips, args.l1_weight, args.lpips_weight, args.kl_weight, args.disc_weight, args.disc_start, args.disc_factor,
-        args.adaptive_disc_weight,
+        args.adaptive_disc_weight, args.lpips_input_range,
     )  # fmt: skip
 
 
@@ -345,6 +362,22 @@ def load_starting_discriminator(args: argparse.Namespace) -> PatchGANDiscriminat
     raise ValueError(f"--discriminator_checkpoint {path!r} is neither a folder nor a .safetensors file.")
 
 
+def configure_tf32(allow: bool) -> bool:
+    """TF32 for matmuls and cuDNN convolutions on CUDA Ampere+ when ``allow`` (the original always enables it),
+    strict fp32 otherwise; returns whether TF32 is on. Nothing to set without CUDA."""
+    if not torch.cuda.is_available():
+        return False
+    enabled = allow and torch.cuda.get_device_capability()[0] >= 8
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    return enabled
+
+
+def autocast_dtype(accelerator: Accelerator) -> torch.dtype | None:
+    """The autocast dtype of the run's mixed precision (None for 'no'): the vision encoders run under it."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
+
+
 def setup_accelerator(args: argparse.Namespace) -> Accelerator:
     """The Accelerator of a training run (seedable sampler for exact resume), logging, TF32, seed, output folder."""
     output_dir = Path(args.output_dir)
@@ -359,9 +392,10 @@ def setup_accelerator(args: argparse.Namespace) -> Accelerator:
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger.info(accelerator.state)
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    source = "--mixed_precision" if args.mixed_precision is not None else "accelerate launch/config"
+    logger.info(f"mixed precision: {accelerator.mixed_precision} (from {source}; the original trains in fp16)")
+    tf32 = configure_tf32(args.allow_tf32)
+    logger.info(f"TF32 matmuls/convolutions: {'on' if tf32 else 'off'}")
     set_seed(args.seed)  # identical on every process: same init and the same (sharded) data order
     previous = check_output_dir(output_dir, args.resume_from_checkpoint, args.overwrite)  # on every process
     if accelerator.is_main_process:
