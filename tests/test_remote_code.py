@@ -214,6 +214,51 @@ def load_script(name: str):
     return module
 
 
+def run_script(name: str, argv: list[str]):
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return load_script(name).main(argv)
+
+
+def test_train_repae_push_to_hub(tmp_path, fake_hub):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        (tmp_path / "images" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+            tmp_path / "images" / f"c{i % 2}/{i}.png"
+        )
+    recipe = tmp_path / "recipe"
+    shutil.copytree(ROOT / "pipelines" / "tiny-cpu", recipe, ignore=shutil.ignore_patterns("__pycache__"))
+    for component, changes in {
+        "transformer": dict(hidden_size=32, num_layers=2, num_attention_heads=2, sample_size=8),
+        "vae": dict(block_out_channels=[8, 16, 16], norm_num_groups=8, sample_size=32),
+        "projector": dict(hidden_size=32, projector_dim=32, encoder_depth=1),
+    }.items():
+        path = recipe / component / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    output_dir = tmp_path / "run"
+    run_script(
+        "train_repae",
+        ["--recipe", str(recipe), "--train_data_dir", str(tmp_path / "images"), "--resolution", "32",
+         "--enc_type", "efficientnet-lite0", "--no_lpips", "--mixed_precision", "no", "--train_batch_size", "4",
+         "--max_train_steps", "1", "--checkpointing_steps", "1", "--validation_steps", "0", "--disc_ndf", "8",
+         "--output_dir", str(output_dir), "--dataloader_num_workers", "0", "--report_to", "none",
+         "--push_to_hub", "--hub_model_id", "me/repae"],
+    )  # fmt: skip
+    uploaded = fake_hub.root / "me/repae"
+    assert (output_dir / "checkpoint-1").is_dir() and not (uploaded / "checkpoint-1").exists()
+    assert (uploaded / "README.md").is_file() and (uploaded / "discriminator").is_dir()
+    pipe = RepaEPipeline.from_pretrained(output_dir)
+    pipe.set_progress_bar_config(disable=True)
+    generic = DiffusionPipeline.from_pretrained(uploaded, trust_remote_code=True)
+    torch.testing.assert_close(sample(generic), sample(pipe), rtol=0, atol=0)
+
+
 def test_train_ldm_push_to_hub(tmp_path, fake_hub):
     import numpy as np
     from PIL import Image
@@ -228,7 +273,8 @@ def test_train_ldm_push_to_hub(tmp_path, fake_hub):
         )
     build_component("tiny-cpu", "vae", latents_mean=[0.1] * 4, latents_std=[0.8] * 4).save_pretrained(tmp_path / "vae")
     output_dir = tmp_path / "run"
-    load_script("train_ldm").main(
+    run_script(
+        "train_ldm",
         ["--recipe", "tiny-cpu", "--vae", str(tmp_path / "vae"), "--train_data_dir", str(tmp_path / "images"),
          "--resolution", "64", "--enc_type", "efficientnet-lite0", "--train_batch_size", "4", "--max_train_steps", "1",
          "--mixed_precision", "no", "--report_to", "none", "--dataloader_num_workers", "0", "--validation_steps", "0",
