@@ -3,9 +3,10 @@
 import copy
 
 import torch
+from diffusers import AutoencoderKL
 
-from diffusers_repae import SiTTransformer2DModel
-from diffusers_repae.training.lora import add_sit_lora, load_sit_lora, save_sit_lora
+from diffusers_repae import FlowMatchEulerMaruyamaScheduler, RepaEPipeline, SiTTransformer2DModel
+from diffusers_repae.training.lora import add_sit_lora, save_sit_lora
 
 CONFIG = dict(
     sample_size=8, patch_size=2, in_channels=4, hidden_size=64, num_layers=2, num_attention_heads=4, num_classes=5
@@ -59,11 +60,15 @@ def test_adapter_round_trips_through_save_and_load(tmp_path):
     sit = copy.deepcopy(base)
     add_sit_lora(sit, rank=4, num_new_classes=1)
     train_a_few_steps(sit, torch.tensor([0, 5, 5, 6]))
-    save_sit_lora(sit, tmp_path, id2label={i: f"class {i}" for i in range(6)})
+    save_sit_lora(sit, tmp_path, id2label={i: f"class {i}" for i in range(6)}, base_num_classes=5)
 
-    fresh = copy.deepcopy(base)  # the same pretrained weights, as a user would load them again
-    labels = load_sit_lora(fresh, tmp_path)
-    assert labels[5] == "class 5" and fresh.config.num_classes == 6
+    # the same pretrained weights in a pipeline, as a user would load them again
+    vae = AutoencoderKL(block_out_channels=(32,), down_block_types=["DownEncoderBlock2D"],
+                        up_block_types=["UpDecoderBlock2D"], latent_channels=4, norm_num_groups=32)  # fmt: skip
+    pipe = RepaEPipeline(copy.deepcopy(base), vae, FlowMatchEulerMaruyamaScheduler())
+    pipe.load_lora_weights(tmp_path)
+    fresh = pipe.transformer
+    assert pipe.id2label[5] == "class 5" and fresh.config.num_classes == 6
     x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([0.2, 0.5, 0.9]), torch.tensor([1, 5, 6])
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(x, t, y).sample, sit.eval()(x, t, y).sample, atol=1e-6, rtol=1e-5)

@@ -149,7 +149,6 @@ def run_train_ldm(*argv: str) -> Path:
 def test_cli_trains_from_cache_then_lora_adds_classes(tmp_path):
     """Recipe + frozen VAE + latent cache -> pipeline; then LoRA with new classes on that pipeline."""
     from diffusers_repae import RepaEPipeline, build_component
-    from diffusers_repae.training.lora import load_lora_into_pipeline
 
     rng = np.random.default_rng(0)
     for i in range(8):
@@ -182,15 +181,15 @@ def test_cli_trains_from_cache_then_lora_adds_classes(tmp_path):
     from safetensors.torch import load_file
 
     trained = load_file(lora / "checkpoint-2" / "model.safetensors")
-    saved = load_file(lora / "lora" / "pytorch_lora_weights.safetensors")
-    assert saved and all(".lora_" in key for key in saved)
+    saved = load_file(lora / "lora" / "pytorch_lora_weights.safetensors")  # diffusers' layout, one file
+    new_rows = saved.pop("transformer.class_embedding.token_adapter.trainable_tokens_delta")
+    assert saved and all(key.startswith("transformer.") and ".lora_" in key for key in saved)
     for key, value in saved.items():
-        assert torch.equal(value, trained[key.replace(".weight", ".default.weight")]), key
-    saved_table = load_file(lora / "lora" / "class_embedding.safetensors")["weight"]
-    assert torch.equal(saved_table, trained["class_embedding.weight"])
+        assert torch.equal(value, trained[key.removeprefix("transformer.").replace(".weight", ".default.weight")]), key
+    assert torch.equal(new_rows, trained["class_embedding.weight"][2:4])  # the two new classes' rows
     tuned = RepaEPipeline.from_pretrained(base)
     before = {k: v.clone() for k, v in tuned.transformer.state_dict().items()}
-    load_lora_into_pipeline(tuned, lora / "lora")
+    tuned.load_lora_weights(lora / "lora")
     assert (
         tuned.transformer.config.num_classes == 4 and tuned.id2label[2] == "shape0" and tuned.id2label[1] == "shape1"
     )

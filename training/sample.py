@@ -17,7 +17,6 @@ from diffusers_repae import RepaEPipeline
 from diffusers_repae.cli import UserError, refuse_overwrite, run_cli
 from diffusers_repae.recipes import resolve_recipe
 from diffusers_repae.schedulers import SAMPLERS
-from diffusers_repae.training.lora import load_lora_into_pipeline
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.num_threads)
     pipe = load_pipeline(args.pretrained)
     if args.lora is not None:
-        load_lora_into_pipeline(pipe, args.lora)
+        pipe.load_lora_weights(args.lora)  # diffusers' loader; new classes and their names come with it
     pipe = pipe.to(args.device)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     images = pipe(

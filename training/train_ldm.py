@@ -19,8 +19,9 @@ Fine-tuning a pretrained pipeline: ``--lora_rank R`` trains LoRA adapters on eve
 (``qkv``, ``attn.proj``, ``fc1``, ``fc2``, ``adaln_modulation``; choose with ``--lora_target_modules``) and the
 rows of new classes (``--new_classes``); the rest stays frozen. Without ``--lora_rank`` the whole SiT is
 fine-tuned (the documented full fine-tune alternative). The trained adapter itself (its warmed-up EMA with
-``--lora_ema``) is saved in the diffusers/peft layout under ``OUTPUT_DIR/lora`` and loads with
-``diffusers_repae.training.lora.load_sit_lora(pipe.transformer, path)``.
+``--lora_ema``) is saved as diffusers' LoRA file ``OUTPUT_DIR/lora/pytorch_lora_weights.safetensors`` (``transformer.``
+keys; the rows and names of new classes in the same file) and loads with ``pipe.load_lora_weights("OUTPUT_DIR/lora")``
+on the pretrained pipeline.
 """
 
 from __future__ import annotations
@@ -270,12 +271,11 @@ def model_card(args, data, num_params: dict[str, int], global_step: int, global_
     ]
     if args.lora_rank:
         lines += [
-            "The LoRA adapter and the grown label table are in `lora/`:",
+            "The LoRA (diffusers' layout; new classes' rows and names in the same file) is in `lora/`:",
             "```py",
             "from diffusers_repae import RepaEPipeline",
-            "from diffusers_repae.training.lora import load_lora_into_pipeline",
             f'pipe = RepaEPipeline.from_pretrained("{args.pretrained_model_name_or_path}")',
-            f'load_lora_into_pipeline(pipe, "{Path(args.output_dir) / "lora"}")',
+            f'pipe.load_lora_weights("{Path(args.output_dir) / "lora"}")',
             "```",
             "",
         ]

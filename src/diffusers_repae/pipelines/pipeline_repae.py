@@ -15,6 +15,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..loaders.lora_pipeline import RepaELoraLoaderMixin
 from ..models.transformer_sit import SiTTransformer2DModel
 from ..models.vae import denormalize_latents
 from ..schedulers import scheduler_for_sampler, set_repae_timesteps
@@ -50,7 +51,7 @@ def load_imagenet_id2label() -> dict[str, str]:
     return json.loads(IMAGENET_CLASSES_FILE.read_text(encoding="utf-8"))
 
 
-class RepaEPipeline(RepaEHubMixin, DiffusionPipeline):
+class RepaEPipeline(RepaEHubMixin, DiffusionPipeline, RepaELoraLoaderMixin):
     r"""
     Class-conditional generation with a SiT velocity model in a VAE's normalised latent space (REPA / REPA-E).
 
