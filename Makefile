@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install test test-all demo quality style bench clean
+.PHONY: install test test-all demo quality style bench study clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ style: install
 
 bench: install
 	$(PY) benchmarks/run_all.py
+
+# vanilla / REPA / REPA-E from one VAE, 3 seeds (results in study/; --overwrite replaces an old study)
+study: install
+	$(PY) benchmarks/ablation.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache demo
