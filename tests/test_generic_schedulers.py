@@ -105,6 +105,13 @@ def test_scheduler_for_sampler_multistep_settings():
     assert isinstance(unipc, UniPCMultistepScheduler)
 
 
+@pytest.mark.parametrize("sampler", ["dpmsolver++", "unipc"])
+def test_multistep_solvers_refuse_a_cosine_path_model(sampler):
+    with pytest.raises(ValueError, match="linear path"):
+        scheduler_for_sampler(sampler, {"path_type": "cosine"})
+    assert scheduler_for_sampler(sampler, {"path_type": "linear"}).config.use_flow_sigmas
+
+
 @pytest.mark.parametrize(
     "scheduler",
     [DDIMScheduler(), DPMSolverMultistepScheduler(), UniPCMultistepScheduler(use_flow_sigmas=True)],

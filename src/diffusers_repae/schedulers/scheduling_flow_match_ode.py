@@ -156,6 +156,12 @@ def scheduler_for_sampler(sampler: str, config: dict | None = None):
         # REPA-E's grid is unshifted; a stale `shift`/dynamic shifting from another scheduler must not warp it.
         config.update(shift=1.0, use_dynamic_shifting=False, stochastic_sampling=False)
     elif cls in (DPMSolverMultistepScheduler, UniPCMultistepScheduler):
+        if config.get("path_type", "linear") != "linear":
+            # their flow_prediction means x0 = x_t - t v: the linear path's; the ODE samplers use v as it is
+            raise ValueError(
+                f"sampler {sampler!r} assumes the linear path; this model was trained on path_type "
+                f"{config['path_type']!r}: use 'euler', 'heun' or 'sde'."
+            )
         config.update(MULTISTEP_FLOW_CONFIG, use_dynamic_shifting=False, solver_order=2)
         if cls is DPMSolverMultistepScheduler:
             config.update(algorithm_type="dpmsolver++")
