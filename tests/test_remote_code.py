@@ -194,6 +194,7 @@ def test_save_pretrained_push_to_hub_uploads_a_loadable_folder(tmp_path, fake_hu
     assert fake_hub.calls[0][2]["token"] == "t0k"
     local = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*"))
     assert sorted(p.relative_to(uploaded) for p in uploaded.rglob("*")) == local
+    assert "library_name: diffusers" in (uploaded / "README.md").read_text()
     torch.testing.assert_close(sample(RepaEPipeline.from_pretrained(uploaded)), sample(pipe), rtol=0, atol=0)
     torch.testing.assert_close(load_without_the_package(uploaded, tmp_path), sample(pipe), rtol=0, atol=0)
 

@@ -314,7 +314,14 @@ class RepaEHubMixin:
         super().save_pretrained(save_directory, *args, **kwargs)
         write_remote_code(self, save_directory)
         if push_to_hub:
-            push_folder_to_hub(save_directory, hub.pop("repo_id", Path(save_directory).name), **hub)
+            repo_id = hub.pop("repo_id", Path(save_directory).name)
+            if not (Path(save_directory) / "README.md").exists():  # a model card, as diffusers' own push writes
+                from diffusers.utils import hub_utils
+
+                card = hub_utils.load_or_create_model_card(repo_id, token=hub.get("token"), is_pipeline=True)
+                hub_utils.populate_model_card(card, tags=["repa-e", "class-conditional"])
+                card.save(Path(save_directory) / "README.md")
+            push_folder_to_hub(save_directory, repo_id, **hub)
 
     @classmethod
     def _dict_from_json_file(cls, json_file):
