@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -656,8 +657,11 @@ def run_training_loop(
             step_start = time.perf_counter()
             scalars = {k: accelerator.reduce(v.to(accelerator.device), "mean").item() for k, v in logs.items()}
             scalars.update({f"lr/{name}": opt.param_groups[0]["lr"] for name, opt in optimizers.items()})
-            for lr_scheduler in lr_schedulers.values():  # after logging the rate this step used
-                lr_scheduler.step()
+            with warnings.catch_warnings():  # an optimiser that has not stepped yet (the discriminator before
+                # --disc_start, or the first step after a resume) would make torch warn; schedules count steps anyway
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                for lr_scheduler in lr_schedulers.values():  # after logging the rate this step used
+                    lr_scheduler.step()
             images = global_batch_size(args, accelerator.num_processes)
             scalars["throughput/images_per_s"] = images / max(elapsed, 1e-9)
             skipped = torch.tensor(float(skipped_images), device=accelerator.device)
