@@ -297,10 +297,16 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def suite_main(description: str, add_args: Callable, run: Callable) -> None:
-    """Command-line entry point of one suite run on its own: parse, run, print, optionally write JSON."""
-    args = add_args(add_common_args(argparse.ArgumentParser(description=description))).parse_args()
-    device = setup(args)
-    tables = run(args, device)
-    print_tables(tables)
-    if args.json:
-        write_json(args.json, tables, device, args)
+    """Command-line entry point of one suite run on its own: parse, run, print, optionally write JSON; user errors
+    end in one ``error: ...`` line (``diffusers_repae.cli.run_cli``)."""
+    from diffusers_repae.cli import run_cli
+
+    def main() -> None:
+        args = add_args(add_common_args(argparse.ArgumentParser(description=description))).parse_args()
+        device = setup(args)
+        tables = run(args, device)
+        print_tables(tables)
+        if args.json:
+            write_json(args.json, tables, device, args)
+
+    run_cli(main)

@@ -72,4 +72,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from diffusers_repae.cli import run_cli
+
+    run_cli(main)

@@ -240,6 +240,8 @@ CLI_CASES += [
     ("train_repae", [*TRAIN, "--output_dir", "{ws}/new", "--ema_decay", "2"], "--ema_decay"),
     ("train_repae", [*TRAIN, "--output_dir", "{ws}/new", "--cfg_prob", "1"], "--cfg_prob"),
     ("train_repae", [*TRAIN, "--output_dir", "{ws}/images/red/0.png"], "--output_dir"),
+    ("train_repae", [*TRAIN, "--output_dir", "{ws}/new", "--train_batch_size", "8"], "--train_batch_size"),
+    ("train_repae", [*TRAIN, "--output_dir", "{ws}/new", "--resolution", "16"], "--disc_layers"),
     ("train_ldm", [*TRAIN, "--output_dir", "{ws}/new"], "--vae"),
     ("train_ldm", [*LDM, "--output_dir", "{ws}/new", "--lora_rank", "-1"], "--lora_rank"),
     ("train_ldm", [*LDM, "--output_dir", "{ws}/new", "--lora_rank", "4"], "--lora_rank"),
@@ -247,6 +249,9 @@ CLI_CASES += [
     ("train_ldm", [*LDM, "--output_dir", "{ws}/run"], "--output_dir"),
     ("train_ldm", [*LDM, "--output_dir", "{ws}/run", "--resume_from_checkpoint", "{ws}/foreign"], "checkpoint-<step>"),
 ]
+
+if importlib.util.find_spec("wandb") is None:  # the tracker the flag names is not installed
+    CLI_CASES.append(("train_repae", [*TRAIN, "--output_dir", "{ws}/new", "--report_to", "wandb"], "--report_to"))
 
 
 @pytest.mark.parametrize(("name", "argv", "expected"), CLI_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CLI_CASES)])
@@ -377,3 +382,125 @@ def test_payload_marker_never_created(ws):
     """The converters refused payload.pt above; the marker its unpickling would create does not exist."""
     assert not (ws / "code-ran").exists()
     assert pickle.loads(pickle.dumps(1)) == 1 and json.loads("1") == 1
+
+
+# ------------------------------------------------------------------------------- what the refusals protect
+
+
+def test_run_cli_keeps_the_traceback_of_bugs_and_hints_offline_hub_errors(capsys):
+    def bug(argv):
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):
+        run_cli(bug, [])
+
+    def offline(argv):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    with pytest.raises(SystemExit) as caught:
+        run_cli(offline, [])
+    assert caught.value.code == 2 and "--encoder_paths" in capsys.readouterr().err
+
+
+def test_replacing_folder_leaves_nothing_stale_and_keeps_the_old_one_on_failure(tmp_path):
+    from diffusers_repae.cli import replacing_folder
+
+    target = tmp_path / "out"
+    (target / "stale").mkdir(parents=True)
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), replacing_folder(target) as staging:
+        (staging / "new.txt").write_text("new")
+        raise RuntimeError("crash while writing")
+    assert sorted(p.name for p in target.iterdir()) == ["old.txt", "stale"]
+    with replacing_folder(target) as staging:
+        (staging / "new.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging or old copies left behind
+
+
+def test_training_output_dir_refused_then_overwrite_removes_the_old_run(tmp_path):
+    from diffusers_repae.cli import UserError
+    from diffusers_repae.training.checkpointing import check_output_dir, remove_previous_run
+
+    run = tmp_path / "run"
+    for name in ("checkpoint-2", "checkpoint-4", "transformer", "validation"):
+        (run / name).mkdir(parents=True)
+    (run / "model_index.json").write_text("{}")
+    (run / "my_notes.txt").write_text("not the run's")
+    with pytest.raises(UserError, match="already holds a run.*--overwrite"):
+        check_output_dir(run, None, overwrite=False)
+    assert check_output_dir(run, "latest", overwrite=False) == []  # resuming is fine
+    remove_previous_run(run, check_output_dir(run, None, overwrite=True))
+    assert [p.name for p in run.iterdir()] == ["my_notes.txt"]
+    assert check_output_dir(run, None, overwrite=False) == []
+
+
+def test_weights_finite_sees_a_nan_parameter():
+    from accelerate import Accelerator
+
+    from diffusers_repae.training.checkpointing import weights_finite
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert weights_finite(accelerator, [optimizer])
+    with torch.no_grad():
+        model.bias[1] = float("inf")
+    assert not weights_finite(accelerator, [optimizer])
+
+
+def test_latent_cache_of_another_vae_is_recognised(ws, tmp_path):
+    identity = script("train_ldm").vae_identity
+    pipeline = tmp_path / "pipe"
+    (pipeline / "vae").mkdir(parents=True)
+    (pipeline / "vae" / "config.json").write_text("{}")
+    assert identity(str(pipeline)) == identity(str(pipeline / "vae"))  # a pipeline folder means its vae/
+    assert identity(str(ws / "vae")) != identity(str(pipeline))
+    assert identity("tiny-cpu") == "tiny-cpu"
+
+
+def test_dataset_to_npz_leaves_unreadable_images_out_and_says_how_many(ws, tmp_path, capsys):
+    folder = tmp_path / "images" / "a"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    (folder / "3.png").write_bytes(b"not a png")
+    out = tmp_path / "ref.npz"
+    script("dataset_to_npz").main(["--train_data_dir", str(tmp_path / "images"), "--resolution", "16",
+                                   "--output", str(out)])  # fmt: skip
+    with np.load(out) as data:
+        images = data["arr_0"]
+    assert images.shape == (3, 16, 16, 3)
+    assert len({im.tobytes() for im in images}) == 3  # no stand-in duplicates
+    assert "1 unreadable images left out" in capsys.readouterr().out
+
+
+def test_a_folder_of_unreadable_images_says_so(tmp_path):
+    folder = tmp_path / "images" / "a"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(b"broken")
+    with pytest.raises(SystemExit) as caught:
+        run_cli(script("dataset_to_npz").main, ["--train_data_dir", str(tmp_path / "images"), "--resolution", "16",
+                                                 "--output", str(tmp_path / "x.npz")])  # fmt: skip
+    assert caught.value.code == 2 and not (tmp_path / "x.npz").exists()
+
+
+def test_sample_fid_refuses_to_mix_two_models_at_one_path(tmp_path, capsys):
+    folder = tmp_path / "pipe"
+    torch.manual_seed(0)
+    RepaEPipeline.from_recipe("tiny-cpu").save_pretrained(folder)
+    argv = ["--pretrained", str(folder), "--output_dir", str(tmp_path / "samples"), "--num_samples", "1",
+            "--num_inference_steps", "1", "--cpu", "--skip_npz"]  # fmt: skip
+    AcceleratorState._reset_state(True)
+    script("sample_fid").main(argv)
+    torch.manual_seed(1)  # retrained: other weights at the same path
+    RepaEPipeline.from_recipe("tiny-cpu").save_pretrained(folder)
+    before = snapshot(tmp_path / "samples")
+    AcceleratorState._reset_state(True)
+    with pytest.raises(SystemExit) as caught:
+        run_cli(script("sample_fid").main, [*argv[:5], "2", *argv[6:]])
+    assert caught.value.code == 2 and "weights_sha256" in capsys.readouterr().err
+    assert snapshot(tmp_path / "samples") == before

@@ -62,8 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def image_batches(args: argparse.Namespace):
-    """uint8 [B, H, W, 3] batches from --images or from the data loader, and how many images they hold."""
+def image_batches(args: argparse.Namespace, dropped: list[int] | None = None):
+    """uint8 [B, H, W, 3] batches from --images or from the data loader, and how many images they hold (at most).
+
+    Unreadable dataset files (stand-ins from a neighbour) are left out and counted in ``dropped[0]``.
+    """
+    dropped = [0] if dropped is None else dropped
     if args.images:
         total = count_images(args.images)
         total = total if args.num_images is None else min(total, args.num_images)
@@ -75,19 +79,18 @@ def image_batches(args: argparse.Namespace):
     if args.num_images is not None:
         total = args.num_images if total is None else min(total, args.num_images)
     num_batches = None if total is None else -(-total // args.batch_size)
-    batches = (b["pixel_values"].permute(0, 2, 3, 1).numpy() for b in itertools.islice(loader, num_batches))
-    if args.num_images is not None:
-        batches = _truncate(batches, args.num_images)
-    return batches, total
 
+    def batches():
+        seen = 0
+        for batch in itertools.islice(loader, num_batches):
+            take = len(batch["labels"]) if total is None else min(len(batch["labels"]), total - seen)
+            seen += take
+            good = batch["num_skipped"][:take] == 0
+            dropped[0] += int((~good).sum())
+            if good.any():
+                yield batch["pixel_values"][:take][good].permute(0, 2, 3, 1).numpy()
 
-def _truncate(batches, limit: int):
-    seen = 0
-    for batch in batches:
-        yield batch[: limit - seen]
-        seen += len(batch)
-        if seen >= limit:
-            return
+    return batches(), total
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,8 +110,10 @@ def main(argv: list[str] | None = None) -> None:
         lpips_model = load_lpips_vgg(args.lpips_vgg_weights)
     else:
         note = "LPIPS skipped: it needs torchvision's VGG16 ImageNet weights; pass --lpips_vgg_weights PATH."
-    batches, total = image_batches(args)
+    dropped = [0]
+    batches, total = image_batches(args, dropped)
     results = evaluate_reconstruction(vae, batches, extractor, lpips_model, device=args.device, total=total)
+    print(f"{dropped[0]} unreadable images left out" if dropped[0] else "no unreadable images")
 
     print(f"VAE: {args.vae}" + (f" ({args.vae_subfolder})" if args.vae_subfolder else ""))
     print("| " + " | ".join(results) + " |")

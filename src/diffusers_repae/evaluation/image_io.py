@@ -32,9 +32,13 @@ def list_image_files(folder: str | Path) -> list[Path]:
 
 
 def load_image(path: str | Path) -> np.ndarray:
-    """One image file as uint8 [H, W, 3] (RGB)."""
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+    """One image file as uint8 [H, W, 3] (RGB); an unreadable file is a ValueError naming it (never skipped: the
+    metrics would silently be over fewer images)."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, SyntaxError) as error:  # PIL: UnidentifiedImageError, truncated files, broken headers
+        raise ValueError(f"unreadable image {str(path)!r} ({error}); remove or replace it.") from None
 
 
 def count_images(source: str | Path) -> int:

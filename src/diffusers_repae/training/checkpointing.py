@@ -117,8 +117,10 @@ def save_checkpoint(
     root = Path(output_dir)
     final = root / f"checkpoint-{global_step}"
     temporary = root / f".checkpoint-{global_step}.tmp"
-    if accelerator.is_main_process and temporary.exists():
-        shutil.rmtree(temporary)
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if temporary.exists():
+            shutil.rmtree(temporary)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temporary))
     accelerator.wait_for_everyone()

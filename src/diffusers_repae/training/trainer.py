@@ -248,6 +248,10 @@ def check_run_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}.")
     if not 0 <= args.lr_warmup_steps <= args.max_train_steps:
         raise ValueError(f"--lr_warmup_steps must be in [0, --max_train_steps], got {args.lr_warmup_steps}.")
+    import importlib.util
+
+    if getattr(args, "report_to", None) == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise ValueError("--report_to wandb needs the wandb package (pip install wandb); or use tensorboard or none.")
 
 
 def add_vae_loss_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -311,6 +315,13 @@ def check_vae_loss_args(args: argparse.Namespace) -> None:
     for name in ("l1_weight", "lpips_weight", "kl_weight", "disc_weight", "disc_factor", "disc_start"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}.")
+    layers, resolution = getattr(args, "disc_layers", None), getattr(args, "resolution", None)
+    if layers is not None and resolution is not None and resolution < 3 * 2**layers:
+        # n stride-2 convs then two 4x4 stride-1 convs: the patch map needs resolution / 2^n - 2 >= 1
+        raise ValueError(
+            f"--resolution {resolution} is too small for a discriminator with --disc_layers {layers}: use "
+            f"--resolution >= {3 * 2**layers} or fewer --disc_layers."
+        )
 
 
 def build_vae_loss(args: argparse.Namespace, device: torch.device) -> VAEReconstructionLoss:
@@ -401,8 +412,8 @@ def setup_accelerator(args: argparse.Namespace) -> Accelerator:
     previous = check_output_dir(output_dir, args.resume_from_checkpoint, args.overwrite)  # on every process
     if accelerator.is_main_process:
         remove_previous_run(output_dir, previous)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        remove_incomplete_checkpoints(output_dir)
+        remove_incomplete_checkpoints(output_dir)  # the folder itself is made by the first write: a run refused
+        # later (bad data, flags) leaves no empty --output_dir behind
     return accelerator
 
 
