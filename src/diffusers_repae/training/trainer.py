@@ -670,7 +670,7 @@ def run_training_loop(
             scalars.update({f"lr/{name}": opt.param_groups[0]["lr"] for name, opt in optimizers.items()})
             with warnings.catch_warnings():  # an optimiser that has not stepped yet (the discriminator before
                 # --disc_start, or the first step after a resume) would make torch warn; schedules count steps anyway
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
                 for lr_scheduler in lr_schedulers.values():  # after logging the rate this step used
                     lr_scheduler.step()
             images = global_batch_size(args, accelerator.num_processes)
