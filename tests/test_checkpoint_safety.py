@@ -165,3 +165,31 @@ def test_resume_accepts_a_checkpoint_name_inside_output_dir(checkpoint):
     assert resolve_resume_checkpoint("checkpoint-1", checkpoint.parent) == checkpoint.parent / "checkpoint-1"
     with pytest.raises(UserError, match="--resume_from_checkpoint 'checkpoint-7'.*available: \\['checkpoint-1'\\]"):
         resolve_resume_checkpoint("checkpoint-7", checkpoint.parent)
+
+
+def test_stream_position_round_trips_through_json(tmp_path):
+    """A streamed dataset's position (datasets' nested state) survives the safetensors + JSON format exactly."""
+    from PIL import Image
+
+    from diffusers_repae.training.checkpointing import save_project_state
+    from diffusers_repae.training.data import load_training_dataset
+
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    for i in range(6):
+        Image.new("RGB", (16, 16), (i * 30, 0, 0)).save(tmp_path / "data" / "a" / f"{i}.png")
+    stream = load_training_dataset(
+        train_data_dir=tmp_path / "data", resolution=16, streaming=True, seed=0, shuffle_buffer_size=2,
+        cache_dir=tmp_path / "cache",
+    ).dataset  # fmt: skip
+    iterator = iter(stream)
+    next(iterator), next(iterator)
+
+    class Holder:
+        def state_dict(self):
+            return {"states": [stream.state_dict(), {"tensor": torch.arange(3), "pair": (1, "a")}]}
+
+    save_project_state({"stream": Holder()}, tmp_path / "ckpt")
+    restored = read_project_state(tmp_path / "ckpt")["stream"]
+    expected = Holder().state_dict()
+    assert restored["states"][0] == expected["states"][0]
+    assert restored["states"][1]["pair"] == (1, "a") and torch.equal(restored["states"][1]["tensor"], torch.arange(3))
