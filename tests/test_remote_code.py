@@ -160,6 +160,34 @@ def test_imagenet_names_are_written_into_the_folder(tmp_path):
     assert generic.get_label_ids(["golden retriever", "tabby cat"]) == [207, 281]
 
 
+def test_code_that_cannot_be_joined_warns_and_the_weights_still_load(tmp_path, monkeypatch):
+    from diffusers_repae.pipelines import hub
+
+    def clash(modules):
+        raise hub.BundleError("the name 'x' means different things in two modules")
+
+    monkeypatch.setattr(hub, "bundle_source", clash)
+    pipe = tiny_pipeline()
+    with pytest.warns(UserWarning, match="not written beside the weights.*means different things"):
+        pipe.save_pretrained(tmp_path)
+    assert not list(tmp_path.rglob(CODE))
+    torch.testing.assert_close(sample(RepaEPipeline.from_pretrained(tmp_path)), sample(pipe), rtol=0, atol=0)
+
+
+def test_the_joined_file_keeps_each_module_and_refuses_clashes():
+    from diffusers_repae.pipelines import hub
+
+    code = hub.bundle_source(["diffusers_repae.pipelines.pipeline_repae"])
+    for module in ("models.transformer_sit", "schedulers.scheduling_flow_match_euler_maruyama", "pipelines.hub"):
+        assert f" diffusers_repae.{module}\n" in code
+    assert code.count("\nclass RepaEPipeline(") == 1 and code.count("\nclass SiTTransformer2DModel(") == 1
+    bundle = hub._Bundle()
+    bundle.bind("logger", "from diffusers.utils import logging", "a")
+    assert bundle.bind("logger", "from diffusers.utils import logging", "b") is False  # the same: dropped
+    with pytest.raises(hub.BundleError, match="'logger' means different things"):
+        bundle.bind("logger", "import logging", "c")
+
+
 # ------------------------------------------------------------------------------------------ the Hub, offline
 @pytest.fixture
 def fake_hub(tmp_path, monkeypatch):

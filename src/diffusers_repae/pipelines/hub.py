@@ -118,20 +118,36 @@ class _Bundle:
         raise BundleError(f"{where}: the name {name!r} means different things in two modules; rename one.")
 
     def add(self, module_name: str) -> None:
+        """Appends ``module_name``'s code (after the modules of ours it imports) with its imports rewritten."""
         if self.state.get(module_name):
             return  # done, or an import cycle (the later module's code refers to it at call time)
         self.state[module_name] = "open"
         source, tree, package = _parse(module_name)
-        lines = source.splitlines()
-        edits: dict[int, tuple[int, list[str]]] = {}  # first line (0-based) -> (end line, replacement lines)
-        top_level = set(map(id, tree.body))
+        # first line (0-based) of a statement -> (its end line, the lines that replace it). The dependencies go in
+        # first, so that of two identical definitions the earlier one in the file is kept.
+        edits = self._own_import_edits(module_name, tree, package)
+        edits.update(self._top_level_edits(module_name, tree, package))
+        lines, kept, line = source.splitlines(), [], 0
+        while line < len(lines):
+            if line in edits:
+                end, replacement = edits[line]
+                kept.extend(replacement)
+                line = end
+            else:
+                kept.append(lines[line])
+                line += 1
+        self.sections.append(f"# {'-' * 80} {module_name}\n" + "\n".join(kept).strip("\n") + "\n")
+        self.state[module_name] = "done"
 
+    def _top_level_edits(self, module_name: str, tree: ast.Module, package: str) -> dict:
+        """Drops the docstring, ``__all__`` and definitions already in the bundle; hoists third-party imports."""
+        edits = {}
         for index, node in enumerate(tree.body):
-            start, end = node.lineno - 1, node.end_lineno
+            drop = {node.lineno - 1: (node.end_lineno, [])}
             if index == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-                edits[start] = (end, [])  # the module docstring
+                edits.update(drop)  # the module docstring
             elif isinstance(node, ast.ImportFrom) and node.module == "__future__":
-                edits[start] = (end, [])
+                edits.update(drop)
             elif isinstance(node, ast.Import) or (isinstance(node, ast.ImportFrom) and not _own_module(node, package)):
                 for alias in node.names:
                     if isinstance(node, ast.Import) and alias.name.split(".")[0] == LIBRARY:
@@ -144,18 +160,21 @@ class _Bundle:
                         bound = alias.name.split(".")[0]
                         meaning = f"import {bound}"
                     self.bind(bound, meaning, module_name)
-                statement = ast.unparse(node)
-                if statement not in self.imports:
-                    self.imports.append(statement)
-                edits[start] = (end, [])
+                if ast.unparse(node) not in self.imports:
+                    self.imports.append(ast.unparse(node))
+                edits.update(drop)
             elif isinstance(node, ast.Assign) and _defined_names(node) == ["__all__"]:
-                edits[start] = (end, [])
+                edits.update(drop)
             elif not isinstance(node, ast.ImportFrom):
-                names = _defined_names(node)
-                meaning = ast.dump(node)
+                names, meaning = _defined_names(node), ast.dump(node)
                 if names and not all([self.bind(name, meaning, module_name) for name in names]):
-                    edits[start] = (end, [])  # an identical definition is already in the bundle
+                    edits.update(drop)  # an identical definition is already in the bundle
+        return edits
 
+    def _own_import_edits(self, module_name: str, tree: ast.Module, package: str) -> dict:
+        """Imports of our own names (anywhere in the module) become nothing, or ``alias = name``; the modules
+        defining those names are added first."""
+        edits, top_level = {}, set(map(id, tree.body))
         for node in ast.walk(tree):
             if not isinstance(node, ast.ImportFrom) or (source_module := _own_module(node, package)) is None:
                 continue
@@ -169,22 +188,9 @@ class _Bundle:
                 if id(node) not in top_level or self.bind(bound, f"{defining_module}:{name}", module_name):
                     replacement.append(f"{bound} = {name}")
             if not replacement and id(node) not in top_level:
-                replacement = ["pass"]
-            indent = " " * node.col_offset
-            edits[node.lineno - 1] = (node.end_lineno, [indent + line for line in replacement])
-
-        kept, line = [], 0
-        while line < len(lines):
-            if line in edits:
-                end, replacement = edits[line]
-                kept.extend(replacement)
-                line = end
-            else:
-                kept.append(lines[line])
-                line += 1
-        body = "\n".join(kept).strip("\n")
-        self.sections.append(f"# {'-' * 80} {module_name}\n{body}\n")
-        self.state[module_name] = "done"
+                replacement = ["pass"]  # the import was a block's only statement, perhaps
+            edits[node.lineno - 1] = (node.end_lineno, [" " * node.col_offset + line for line in replacement])
+        return edits
 
     def source(self, version: str) -> str:
         modules = ", ".join(section.splitlines()[0].rpartition(" ")[2] for section in self.sections)
