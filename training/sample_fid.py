@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
         "guidance_interval": args.guidance_interval,
         "float64": args.float64,
         "model_dtype": args.model_dtype,
-        "weights_sha256": weights_fingerprint(args.pretrained),  # a retrained model at the same path is refused
+        # a retrained model at the same path is refused (only the main process checks: only it hashes)
+        "weights_sha256": weights_fingerprint(args.pretrained) if state.is_main_process else None,
     }
     if state.is_main_process:
         check_run_config(args.output_dir, run_config)
