@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 import torch
@@ -7,6 +8,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Code that tests load with trust_remote_code is copied into HF_MODULES_CACHE: one folder per test process, since
+# parallel workers copying the same file into the shared ~/.cache could execute each other's half-written copies.
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="hf_modules_"))
 
 
 def pytest_collection_modifyitems(config, items):
