@@ -118,6 +118,7 @@ def test_plain_diffusers_loads_the_folder_without_the_package(tmp_path, schedule
 
 
 def test_a_diffusers_scheduler_gets_no_code_file(tmp_path):
+    tiny_pipeline().save_pretrained(tmp_path)  # an earlier save into the same folder, with our scheduler
     pipe = tiny_pipeline(FlowMatchEulerDiscreteScheduler(shift=1.0))
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())

@@ -260,9 +260,12 @@ def write_remote_code(pipeline, folder: str | Path) -> bool:
     index["_class_name"] = [LIBRARY, type(pipeline).__name__]
     index.pop("_name_or_path", None)  # where a reloaded pipeline came from: a local path, not for the Hub
     (folder / CODE_FILE).write_text(code, encoding="utf-8")
-    for name, class_name in components.items():
-        index[name] = [LIBRARY, class_name]
-        (folder / name / CODE_FILE).write_text(code, encoding="utf-8")
+    for name in pipeline.components:
+        if name in components:
+            index[name] = [LIBRARY, components[name]]
+            (folder / name / CODE_FILE).write_text(code, encoding="utf-8")
+        elif (folder / name / CODE_FILE).is_file():
+            (folder / name / CODE_FILE).unlink()  # left by an earlier save whose component there was ours
     # The ImageNet names are the in-memory default for 1000 classes; the folder states them, as transformers'
     # configs do, so that any loader (this package or the code beside the weights) has them without a side file.
     if index.get("id2label") is None and getattr(pipeline, "id2label", None):
