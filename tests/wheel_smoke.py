@@ -28,6 +28,14 @@ for extra in ("accelerate", "datasets", "lpips", "torch_fidelity", "matplotlib")
         continue
     raise AssertionError(f"{extra} is importable: this environment should hold the core dependencies only")
 
+for subpackage, extra in (("training", "train"), ("evaluation", "eval")):
+    try:
+        __import__(f"diffusers_repae.{subpackage}")
+    except ModuleNotFoundError as error:
+        assert f"pip install 'diffusers-repae[{extra}]'" in str(error), error
+    else:
+        raise AssertionError(f"diffusers_repae.{subpackage} imported without its extra")
+
 pipe = RepaEPipeline.from_recipe("tiny-cpu")
 pipe.set_progress_bar_config(disable=True)
 call = dict(class_labels=[0, 1], num_inference_steps=2, output_type="pt")

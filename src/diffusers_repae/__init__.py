@@ -23,6 +23,20 @@ from .schedulers import (
 
 __version__ = "0.1.0"
 
+
+def _require_extra(extra: str, *modules: str) -> None:
+    """Raise a ModuleNotFoundError naming the pip extra when a subpackage's optional dependencies are missing."""
+    import importlib.util
+
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ModuleNotFoundError(
+            f"this part of diffusers_repae needs the [{extra}] extra ({', '.join(missing)} missing): "
+            f"pip install 'diffusers-repae[{extra}]'",
+            name=missing[0],
+        )
+
+
 __all__ = [
     "FlowMatchEulerMaruyamaScheduler",
     "FlowMatchHeunScheduler",

@@ -1,5 +1,9 @@
 """Evaluation: generative metrics (FID, sFID, IS, precision/recall), reconstruction metrics, image-set helpers."""
 
+from .. import _require_extra
+
+_require_extra("eval", "scipy", "torch_fidelity")
+
 from .features import (
     FEATURE_EXTRACTORS,
     EfficientNetLite0FeatureExtractor,
