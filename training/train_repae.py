@@ -100,6 +100,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--vae_align_proj_coeff", type=float, default=1.5, help="Alignment weight in the VAE loss (end-to-end)."
     )
     parser.add_argument("--bn_momentum", type=float, default=0.1, help="Momentum of the latent BatchNorm.")
+    parser.add_argument(
+        "--vae_warmup_steps",
+        type=int,
+        default=0,
+        help="Train only the VAE's reconstruction for this many first steps, then REPA-E as usual. Not in the "
+        "original (0, the default), which starts from a trained VAE; useful when --vae is not given.",
+    )
     add_vae_loss_args(parser)
     add_sit_training_args(parser, tracker_project_name="train_repae")
     add_data_args(parser)
@@ -107,6 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     check_vae_loss_args(args)
     check_sit_training_args(args)
+    if args.vae_warmup_steps < 0:
+        parser.error(f"--vae_warmup_steps must be >= 0, got {args.vae_warmup_steps}.")
     return args
 
 
@@ -270,6 +279,7 @@ def main(argv: list[str] | None = None) -> Path:
         weighting=args.weighting,
         cfg_prob=args.cfg_prob,
         max_grad_norm=args.max_grad_norm,
+        vae_warmup_steps=args.vae_warmup_steps,
     )
 
     global_step, resume = resume_and_start_trackers(args, accelerator)

@@ -54,6 +54,8 @@ class RepaEHyperParameters:
     max_grad_norm: float = 1.0
     # LDM-only training on a frozen VAE: the BN stays in eval mode at the VAE's statistics (no batch statistics).
     freeze_latent_norm: bool = False
+    # Not in the original (which starts from a trained VAE): the first steps train only the VAE's reconstruction.
+    vae_warmup_steps: int = 0
 
 
 @dataclass
@@ -275,6 +277,30 @@ def ema_target(accelerator: Accelerator, models: RepaEModels) -> nn.ModuleDict:
     return nn.ModuleDict({"transformer": transformer, "projector": projector, "latent_norm": models.latent_norm})
 
 
+def vae_warmup_pass(
+    accelerator: Accelerator,
+    models: RepaEModels,
+    images: torch.Tensor,
+    generator: torch.Generator | None,
+    global_step: int,
+    max_grad_norm: float,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """VAE update on its generator loss alone (no alignment: the SiT is untouched), for runs that start from a
+    random VAE. The latent BN keeps tracking the latents so the joint phase starts with sensible statistics."""
+    terms, z, reconstruction = vae_generator_loss(accelerator, models, images, generator, global_step)
+    accelerator.backward(terms["loss"])
+    out = {f"vae/{k}": v.detach() for k, v in terms.items() if k != "loss"}
+    out["vae/gen_loss"] = out["vae/loss"] = terms["loss"].detach()
+    if accelerator.sync_gradients:
+        out["grad_norm/vae"] = _grad_norm(accelerator.clip_grad_norm_(models.vae.parameters(), max_grad_norm))
+    models.optimizer_vae.step()
+    models.optimizer_vae.zero_grad(set_to_none=True)
+    models.latent_norm.train()
+    with torch.no_grad():
+        latent_norm_train(models.latent_norm, z.detach().float())
+    return out, reconstruction.detach()
+
+
 def train_step(
     accelerator: Accelerator,
     models: RepaEModels,
@@ -283,16 +309,25 @@ def train_step(
     generator: torch.Generator | None,
     global_step: int,
 ) -> dict[str, torch.Tensor]:
-    """One full REPA-E step on a batch ``{"pixel_values": uint8 [B,3,H,W], "labels": [B]}``; returns loss terms."""
+    """One full REPA-E step on a batch ``{"pixel_values": uint8 [B,3,H,W], "labels": [B]}``; returns loss terms.
+
+    Before ``hp.vae_warmup_steps`` the step is VAE-only (`vae_warmup_pass`) plus the discriminator once active.
+    """
     pixel_values, labels = batch["pixel_values"], batch["labels"].long()
     images = images_to_vae_range(pixel_values)
-    zs = encoder_features(models.encoders, pixel_values)
     with accelerator.accumulate(models.vae, models.transformer, models.projector, models.discriminator):
-        logs, latents, reconstruction, noise = vae_alignment_pass(
-            accelerator, models, hp, images, labels, zs, generator, global_step
-        )
-        logs.update(discriminator_pass(accelerator, models, hp, images, reconstruction, global_step))
-        logs.update(sit_pass(accelerator, models, hp, latents, labels, zs, noise))
+        if global_step < hp.vae_warmup_steps:
+            logs, reconstruction = vae_warmup_pass(
+                accelerator, models, images, generator, global_step, hp.max_grad_norm
+            )
+            logs.update(discriminator_pass(accelerator, models, hp, images, reconstruction, global_step))
+        else:
+            zs = encoder_features(models.encoders, pixel_values)
+            logs, latents, reconstruction, noise = vae_alignment_pass(
+                accelerator, models, hp, images, labels, zs, generator, global_step
+            )
+            logs.update(discriminator_pass(accelerator, models, hp, images, reconstruction, global_step))
+            logs.update(sit_pass(accelerator, models, hp, latents, labels, zs, noise))
         if accelerator.sync_gradients and models.ema is not None:
             models.ema.step(ema_target(accelerator, models))
     return logs

@@ -1,0 +1,61 @@
+"""Small-scale generative scores against a training set held in memory (the demo and the ablation study).
+
+Everything here works on uint8 ``[N, H, W, 3]`` arrays: the training images as the model saw them (no flips), and
+class-balanced samples of a pipeline, each image's noise fixed by ``(seed, index)`` as in `sample_fid.py`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .features import extract_features
+from .metrics import frechet_distance_from_features, precision_recall
+from .sampling import generate_batch, sample_labels
+
+
+def uint8_batches(images: np.ndarray, batch_size: int = 64):
+    """Consecutive slices of ``images`` (what `extract_features` iterates over)."""
+    for start in range(0, len(images), batch_size):
+        yield images[start : start + batch_size]
+
+
+def dataset_images(dataset, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(images uint8 [N, H, W, 3], labels [N])`` of an `ImageLabelDataset` in dataset order, without flips and
+    without the stand-ins it returns for unreadable files (so nothing is counted twice)."""
+    flip, dataset.random_flip = dataset.random_flip, False
+    try:
+        count = len(dataset) if limit is None else min(limit, len(dataset))
+        items = [dataset[i] for i in range(count)]
+    finally:
+        dataset.random_flip = flip
+    items = [item for item in items if int(item.get("num_skipped", 0)) == 0]
+    images = np.stack([item["pixel_values"].permute(1, 2, 0).numpy() for item in items])
+    return images, np.array([int(item["labels"]) for item in items])
+
+
+def balanced_samples(
+    pipe, num_samples: int, seed: int = 0, batch_size: int = 128, **call_kwargs
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(images uint8 [N, H, W, 3], labels [N])``: every class of ``pipe`` in turn, as evenly as ``num_samples``
+    allows; the remaining ``pipe(...)`` arguments (steps, guidance, sampler) pass through."""
+    labels = sample_labels(num_samples, len(pipe.id2label), mode="balanced")
+    indices = list(range(num_samples))
+    images = [
+        generate_batch(pipe, indices[start : start + batch_size], labels, seed, **call_kwargs)
+        for start in range(0, num_samples, batch_size)
+    ]
+    return np.concatenate(images), labels
+
+
+def score_features(reference: np.ndarray, samples: np.ndarray, k: int = 3) -> dict[str, float]:
+    """Frechet distance and k-NN precision/recall between two pooled feature sets ``[N, D]``."""
+    precision, recall = precision_recall(reference, samples, k=k)
+    return {"fd": frechet_distance_from_features(reference, samples), "precision": precision, "recall": recall}
+
+
+def pooled_features(extractor: nn.Module, images: np.ndarray, desc: str = "features") -> np.ndarray:
+    """The extractor's pooled features of uint8 ``[N, H, W, 3]`` images."""
+    with torch.inference_mode():
+        return extract_features(extractor, uint8_batches(images), total=len(images), desc=desc)["pool"]

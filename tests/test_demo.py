@@ -1,0 +1,78 @@
+"""Smoke test of `training/demo.py` on a tiny image folder: the outputs exist and have the right structure.
+
+Quality numbers live in the README (measured with `make demo`), never as thresholds here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "training"))
+
+import demo  # noqa: E402
+
+
+def _image_folder(root: Path) -> Path:
+    """Two classes of 6 coloured squares each (distinct colours, so the classes differ)."""
+    rng = np.random.default_rng(0)
+    for name, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+        (root / name).mkdir(parents=True)
+        for i in range(6):
+            array = np.full((40, 40, 3), 255, dtype=np.uint8)
+            x, y = rng.integers(2, 20, size=2)
+            array[y : y + 16, x : x + 16] = colour
+            Image.fromarray(array).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    images = _image_folder(root / "images")
+    out = root / "out"
+    argv = [
+        "--output_dir", str(out), "--train_data_dir", str(images), "--max_train_steps", "3",
+        "--vae_warmup_steps", "1", "--train_batch_size", "4", "--num_eval_samples", "10",
+        "--num_inference_steps", "2",
+    ]  # fmt: skip
+    metrics = demo.main(argv)
+    return out, metrics, argv
+
+
+def test_demo_writes_its_report(demo_run):
+    out, metrics, _ = demo_run
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == metrics
+    for key in ("FD-EfficientNetLite0", "precision-EfficientNetLite0", "recall-EfficientNetLite0"):
+        assert np.isfinite(saved[key])
+    assert 0 <= saved["precision-EfficientNetLite0"] <= 1 and 0 <= saved["recall-EfficientNetLite0"] <= 1
+    assert saved["num_samples"] == 10 and saved["num_reference_images"] == 12
+    assert (out / "pipeline" / "model_index.json").is_file()
+    assert (out / "loss_curves.png").is_file()
+
+
+def test_demo_pictures_have_one_row_per_class(demo_run):
+    out, _, _ = demo_run
+    samples = Image.open(out / "samples.png")
+    # 2 classes -> 2 rows of 32 px samples shown at 2x
+    assert samples.height == 2 * 64
+    reconstructions = Image.open(out / "reconstructions.png")
+    # a row of real images above a row of reconstructions, 12 images (fewer than 16 in the folder), 2x
+    assert reconstructions.size == (12 * 64, 2 * 64)
+
+
+def test_demo_refuses_to_overwrite_a_finished_demo(demo_run, capsys):
+    out, _, argv = demo_run
+    before = (out / "metrics.json").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        demo.run_cli(demo.main, argv)
+    assert exit_info.value.code == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "metrics.json").read_bytes() == before
