@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """The vanilla / REPA / REPA-E study: the same SiT trained three ways from the same VAE, scored every K steps.
 
-    make study                                   # offline: embedded OpenMoji, tiny-cpu recipe, 3 seeds
+    make study                                   # offline: embedded OpenMoji, the demo's recipe, 3 seeds
     python benchmarks/ablation.py --train_data_dir ./my_images --steps 2000 --seeds 0 1 2 --output_dir study
 
-Arms (same starting VAE, data, SiT recipe, steps, batch, learning rate, EMA and seeds):
+Arms (same starting VAE, data, SiT recipe, steps, batch, learning rates, EMA and seeds; by default the demo's
+recipe and settings, ``training/demo.py``):
 
 * ``vanilla``: ``train_ldm.py`` on the frozen VAE without alignment (``--proj_coeff 0``);
 * ``repa``: ``train_ldm.py`` on the frozen VAE with REPA alignment (``--proj_coeff 0.5``);
@@ -39,15 +40,20 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "training"))
 
+import demo  # noqa: E402
 import train_ldm  # noqa: E402
 import train_repae  # noqa: E402
 import train_vae  # noqa: E402
 
 from diffusers_repae import RepaEPipeline  # noqa: E402
 from diffusers_repae.cli import UserError, run_cli  # noqa: E402
-from diffusers_repae.evaluation import build_feature_extractor, extract_features  # noqa: E402
-from diffusers_repae.evaluation.metrics import frechet_distance_from_features, precision_recall  # noqa: E402
-from diffusers_repae.evaluation.sampling import generate_batch, sample_labels  # noqa: E402
+from diffusers_repae.evaluation import build_feature_extractor  # noqa: E402
+from diffusers_repae.evaluation.quick_score import (  # noqa: E402
+    balanced_samples,
+    dataset_images,
+    pooled_features,
+    score_features,
+)
 from diffusers_repae.training.checkpointing import list_checkpoints, read_project_state  # noqa: E402
 from diffusers_repae.training.data import add_data_args, training_data_from_args  # noqa: E402
 
@@ -62,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     study.add_argument("--overwrite", action="store_true", help="Replace an existing --output_dir.")
     study.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="Arms to run.")
     study.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="Training seeds (one run each).")
-    study.add_argument("--steps", type=int, default=None, help="SiT steps per run (default 1200 without minutes).")
+    study.add_argument("--steps", type=int, default=None, help="SiT steps per run (default 1000 without minutes).")
     study.add_argument(
         "--minutes_per_arm",
         type=float,
@@ -70,18 +76,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Instead of --steps: the step count that lets one REPA-E run (the slowest arm) train about this many "
         "minutes, measured on its first segment; every arm then trains that many steps.",
     )
-    study.add_argument("--eval_every", type=int, default=300, help="Score every arm every K steps.")
+    study.add_argument("--eval_every", type=int, default=250, help="Score every arm every K steps.")
     study.add_argument("--num_eval_samples", type=int, default=300, help="Samples per score (balanced classes).")
-    study.add_argument("--num_inference_steps", type=int, default=25, help="Sampler steps for the scored samples.")
-    study.add_argument("--guidance_scale", type=float, default=None, help="CFG scale (default: the recipe's).")
+    study.add_argument("--num_inference_steps", type=int, default=30, help="Sampler steps for the scored samples.")
+    study.add_argument("--guidance_scale", type=float, default=2.0, help="Classifier-free guidance scale.")
     study.add_argument("--eval_seed", type=int, default=0, help="Sampling seed (the same noise for every arm).")
-    train = parser.add_argument_group("training (shared by all arms)")
-    train.add_argument("--recipe", type=str, default="tiny-cpu", help="SiT / projector / VAE recipe.")
+    train = parser.add_argument_group("training (shared by all arms; defaults: the demo's)")
+    train.add_argument("--recipe", type=str, default=demo.RECIPE, help="SiT / projector / VAE recipe.")
     train.add_argument("--vae", type=str, default=None, help="Starting VAE folder; default: train one first.")
     train.add_argument("--vae_steps", type=int, default=1500, help="train_vae.py steps when --vae is not given.")
-    train.add_argument("--train_batch_size", type=int, default=16, help="Batch size of every run.")
-    train.add_argument("--learning_rate", type=float, default=3e-4, help="AdamW learning rate (SiT, VAE, D).")
-    train.add_argument("--ema_decay", type=float, default=0.99, help="EMA decay of the SiT.")
+    train.add_argument("--train_batch_size", type=int, default=32, help="Batch size of every run.")
+    train.add_argument("--learning_rate", type=float, default=5e-4, help="AdamW learning rate of the SiT.")
+    train.add_argument(
+        "--vae_learning_rate", type=float, default=3e-4, help="AdamW learning rate of the VAE (train_vae, REPA-E)."
+    )
+    train.add_argument("--lr_warmup_steps", type=int, default=100, help="Linear learning-rate warm-up, then constant.")
+    train.add_argument("--ema_decay", type=float, default=0.995, help="EMA decay of the SiT.")
+    train.add_argument(
+        "--mixed_precision",
+        choices=["auto", "no", "bf16"],
+        default="auto",
+        help="auto: bf16 where the CPU has bf16 units (or on CUDA), else fp32, as the demo.",
+    )
     train.add_argument("--enc_type", type=str, default="efficientnet-lite0", help="Vision encoder to align with.")
     add_data_args(parser)
     parser.set_defaults(resolution=32)
@@ -89,10 +105,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.steps is not None and args.minutes_per_arm is not None:
         raise UserError("give --steps or --minutes_per_arm, not both.")
     if args.steps is None and args.minutes_per_arm is None:
-        args.steps = 1200
+        args.steps = 1000
     for name in ("eval_every", "num_eval_samples", "vae_steps", "train_batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if not 0 <= args.lr_warmup_steps <= args.eval_every:
+        raise UserError(f"--lr_warmup_steps must be in [0, --eval_every], got {args.lr_warmup_steps}.")
+    if args.mixed_precision == "auto":
+        args.mixed_precision = "bf16" if torch.cuda.is_available() or demo.cpu_has_bf16() else "no"
     if args.num_eval_samples < 4:
         raise UserError("--num_eval_samples must be >= 4 (precision/recall use 3 nearest neighbours).")
     return args
@@ -119,13 +139,14 @@ def run_script(module, argv: list[str]) -> None:
 
 def train_starting_vae(args, folder: Path) -> Path:
     """Stage 1: train_vae.py on the study's data (LPIPS off, GAN off), exported with measured statistics."""
-    lr = str(args.learning_rate)
     run_script(
         train_vae,
         [
-            "--recipe", args.recipe, "--no_lpips", "--disc_weight", "0", "--mixed_precision", "no",
+            "--recipe", args.recipe, "--no_lpips", "--disc_weight", "0", "--mixed_precision", args.mixed_precision,
             "--train_batch_size", str(args.train_batch_size), "--max_train_steps", str(args.vae_steps),
-            "--vae_learning_rate", lr, "--checkpointing_steps", str(args.vae_steps), "--checkpoints_total_limit", "1",
+            "--vae_learning_rate", str(args.vae_learning_rate), "--lr_scheduler", "constant_with_warmup",
+            "--lr_warmup_steps", str(min(args.lr_warmup_steps, args.vae_steps)),
+            "--checkpointing_steps", str(args.vae_steps), "--checkpoints_total_limit", "1",
             "--validation_steps", "0", "--dataloader_num_workers", "0", "--report_to", "none", "--random_flip",
             "--seed", "0", "--output_dir", str(folder), *data_flags(args),
         ],
@@ -135,33 +156,22 @@ def train_starting_vae(args, folder: Path) -> Path:
 
 def train_segment(args, arm: str, seed: int, vae: Path, run_dir: Path, end_step: int) -> None:
     """Trains ``arm`` up to ``end_step`` in ``run_dir`` (resuming its latest checkpoint) and exports its pipeline."""
-    lr = str(args.learning_rate)
     argv = [
-        "--recipe", args.recipe, "--vae", str(vae), "--enc_type", args.enc_type, "--mixed_precision", "no",
-        "--train_batch_size", str(args.train_batch_size), "--max_train_steps", str(end_step),
-        "--learning_rate", lr, "--ema_decay", str(args.ema_decay), "--checkpointing_steps", str(args.eval_every),
+        "--recipe", args.recipe, "--vae", str(vae), "--enc_type", args.enc_type,
+        "--mixed_precision", args.mixed_precision, "--train_batch_size", str(args.train_batch_size),
+        "--max_train_steps", str(end_step), "--learning_rate", str(args.learning_rate),
+        "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", str(args.lr_warmup_steps),
+        "--ema_decay", str(args.ema_decay), "--checkpointing_steps", str(args.eval_every),
         "--checkpoints_total_limit", "1", "--validation_steps", "0", "--dataloader_num_workers", "0",
         "--report_to", "none", "--random_flip", "--seed", str(seed), "--output_dir", str(run_dir), *data_flags(args),
     ]  # fmt: skip
     if list_checkpoints(run_dir):
         argv += ["--resume_from_checkpoint", "latest"]
     if arm == "repae":
-        argv += ["--no_lpips", "--disc_weight", "0", "--vae_learning_rate", lr, "--disc_learning_rate", lr]
+        argv += ["--no_lpips", "--disc_weight", "0", "--vae_learning_rate", str(args.vae_learning_rate)]
         run_script(train_repae, argv)
     else:
         run_script(train_ldm, argv + ["--proj_coeff", "0" if arm == "vanilla" else "0.5"])
-
-
-def uint8_batches(images: np.ndarray, batch_size: int = 64):
-    for start in range(0, len(images), batch_size):
-        yield images[start : start + batch_size]
-
-
-def dataset_images(data, limit: int | None = None) -> np.ndarray:
-    """The training images in dataset order (no flips), uint8 ``[N, H, W, 3]``."""
-    data.dataset.random_flip = False
-    count = len(data.dataset) if limit is None else min(limit, len(data.dataset))
-    return np.stack([data.dataset[i]["pixel_values"].permute(1, 2, 0).numpy() for i in range(count)])
 
 
 @torch.no_grad()
@@ -188,24 +198,9 @@ def score(args, run_dir: Path, extractor, reference: np.ndarray, vae_images: np.
     """Generative metrics of the exported EMA pipeline, plus the VAE diagnostics."""
     pipe = RepaEPipeline.from_pretrained(run_dir)
     pipe.set_progress_bar_config(disable=True)
-    labels = sample_labels(args.num_eval_samples, len(pipe.id2label))
-    call = {"num_inference_steps": args.num_inference_steps}
-    if args.guidance_scale is not None:
-        call["guidance_scale"] = args.guidance_scale
-    indices = list(range(args.num_eval_samples))
-    samples = np.concatenate(
-        [
-            generate_batch(pipe, indices[i : i + 100], labels, args.eval_seed, **call)
-            for i in range(0, len(indices), 100)
-        ]
-    )
-    features = extract_features(extractor, uint8_batches(samples), desc="features samples")["pool"]
-    precision, recall = precision_recall(reference, features, k=3)
-    metrics = {
-        "fd": frechet_distance_from_features(reference, features),
-        "precision": precision,
-        "recall": recall,
-    }
+    call = {"num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale}
+    samples, _ = balanced_samples(pipe, args.num_eval_samples, seed=args.eval_seed, **call)
+    metrics = score_features(reference, pooled_features(extractor, samples, desc="features samples"))
     return {**metrics, **vae_diagnostics(pipe.vae, vae_images, args.eval_seed)}
 
 
@@ -344,8 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
     data = training_data_from_args(args)
     print(f"[study] data {data.source}: {len(data.dataset)} images, {data.num_classes} classes", flush=True)
     extractor = build_feature_extractor("efficientnet-lite0")
-    reference_images = dataset_images(data)
-    reference = extract_features(extractor, uint8_batches(reference_images), desc="features reference")["pool"]
+    reference_images, _ = dataset_images(data.dataset)
+    reference = pooled_features(extractor, reference_images, desc="features reference")
     vae_images = reference_images[:64]
 
     vae_timing = None
@@ -364,13 +359,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     config = {
         "data": data.source, "num_images": len(data.dataset), "num_classes": data.num_classes,
-        "resolution": args.resolution, "recipe": args.recipe, "vae": str(vae), "vae_steps": None if args.vae else
-        args.vae_steps, "steps": steps, "seeds": args.seeds, "eval_every": args.eval_every,
-        "train_batch_size": args.train_batch_size, "learning_rate": args.learning_rate, "ema_decay": args.ema_decay,
-        "enc_type": args.enc_type, "num_eval_samples": args.num_eval_samples,
-        "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
-        "feature_extractor": FD_NAME, "num_reference": len(reference), "machine": platform.platform(),
-        "torch_threads": torch.get_num_threads(), "command": " ".join(sys.argv),
+        "resolution": args.resolution, "recipe": args.recipe, "mixed_precision": args.mixed_precision,
+        "vae": str(vae), "vae_steps": None if args.vae else args.vae_steps, "steps": steps, "seeds": args.seeds,
+        "eval_every": args.eval_every, "train_batch_size": args.train_batch_size,
+        "learning_rate": args.learning_rate, "vae_learning_rate": args.vae_learning_rate,
+        "lr_warmup_steps": args.lr_warmup_steps, "ema_decay": args.ema_decay, "enc_type": args.enc_type,
+        "num_eval_samples": args.num_eval_samples, "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale, "feature_extractor": FD_NAME, "num_reference": len(reference),
+        "machine": platform.platform(), "torch_threads": torch.get_num_threads(), "command": " ".join(sys.argv),
     }  # fmt: skip
     results = {"config": config, "arms": {arm: {} for arm in args.arms}, "summary": {}}
 

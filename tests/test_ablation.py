@@ -50,7 +50,8 @@ def test_two_arms_one_seed(tiny):
     argv = [
         "--recipe", str(tiny / "recipe"), "--train_data_dir", str(tiny / "images"), "--resolution", "32",
         "--arms", "vanilla", "repae", "--seeds", "3", "--steps", "2", "--eval_every", "2", "--vae_steps", "1",
-        "--num_eval_samples", "4", "--num_inference_steps", "2", "--train_batch_size", "4", "--output_dir", str(out),
+        "--num_eval_samples", "4", "--num_inference_steps", "2", "--train_batch_size", "4", "--lr_warmup_steps", "1",
+        "--output_dir", str(out),
     ]  # fmt: skip
     ablation.main(argv)
 
