@@ -177,15 +177,14 @@ def train_segment(args, arm: str, seed: int, vae: Path, run_dir: Path, end_step:
 @torch.no_grad()
 def vae_diagnostics(vae, images: np.ndarray, seed: int) -> dict:
     """Reconstruction L1 (posterior mean, [-1, 1] scale) and per-channel mean/std of normalised posterior samples."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().to(vae.device) / 127.5 - 1
     posterior = vae.encode(x).latent_dist
     reconstruction = vae.decode(posterior.mode()).sample.clamp(-1, 1)
-    z = posterior.mean + posterior.std * torch.randn(
-        posterior.mean.shape, generator=torch.Generator().manual_seed(seed)
-    )
+    noise = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(seed)).to(vae.device)
+    z = posterior.mean + posterior.std * noise
     shape = (1, -1, 1, 1)
-    mean = torch.tensor(vae.config.latents_mean).view(shape)
-    std = torch.tensor(vae.config.latents_std).view(shape)
+    mean = torch.tensor(vae.config.latents_mean, device=vae.device).view(shape)
+    std = torch.tensor(vae.config.latents_std, device=vae.device).view(shape)
     normalised = (z - mean) / std
     return {
         "recon_l1": float((x - reconstruction).abs().mean()),
@@ -196,7 +195,7 @@ def vae_diagnostics(vae, images: np.ndarray, seed: int) -> dict:
 
 def score(args, run_dir: Path, extractor, reference: np.ndarray, vae_images: np.ndarray) -> dict:
     """Generative metrics of the exported EMA pipeline, plus the VAE diagnostics."""
-    pipe = RepaEPipeline.from_pretrained(run_dir)
+    pipe = RepaEPipeline.from_pretrained(run_dir).to("cuda" if torch.cuda.is_available() else "cpu")
     pipe.set_progress_bar_config(disable=True)
     call = {"num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale}
     samples, _ = balanced_samples(pipe, args.num_eval_samples, seed=args.eval_seed, **call)
