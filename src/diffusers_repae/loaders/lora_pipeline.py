@@ -258,12 +258,11 @@ class RepaELoraLoaderMixin(LoraBaseMixin):
                 f"this LoRA adds classes to a SiT with {base} classes, but the pipeline's has {current}; load it into "
                 "the pipeline it was trained from (after unload_lora_weights() if another LoRA added classes)."
             )
-        self._adopt_id2label({int(k): v for k, v in classes["id2label"].items()})
+        names = {int(k): v for k, v in classes["id2label"].items()}
+        self._adopt_id2label(names, stored={str(k): v for k, v in names.items()})
 
-    def _adopt_id2label(self, id2label: dict[int, str], stored: dict | None = ...) -> None:
-        """Class names for labels by name; ``stored`` is what the config keeps (default: the same names)."""
+    def _adopt_id2label(self, id2label: dict[int, str], stored: dict[str, str] | None) -> None:
+        """Class names (for labels by name) and the config's ``id2label`` (None: the ImageNet names by default)."""
         self.id2label = dict(id2label)
         self.labels = self._synonym_index(self.id2label)
-        if stored is ...:
-            stored = {str(k): v for k, v in self.id2label.items()}
         self.register_to_config(id2label=stored)
