@@ -65,7 +65,7 @@ PHASES = [
     "SiT pass (latent BN, SiT, projector, losses)",
     "SiT backward",
     "SiT clip + AdamW",
-    "EMA (SiT + BN buffers)",
+    "EMA (SiT + projector + BN buffers)",
 ]
 
 
@@ -185,7 +185,9 @@ def phased_step(models: RepaEModels, hp: RepaEHyperParameters, batch: dict, gene
     models.optimizer_sit.step()
     models.optimizer_sit.zero_grad(set_to_none=True)
     lap(PHASES[10])
-    models.ema.step(torch.nn.ModuleDict({"transformer": transformer, "latent_norm": models.latent_norm}))
+    models.ema.step(
+        torch.nn.ModuleDict({"transformer": transformer, "projector": projector, "latent_norm": models.latent_norm})
+    )
     lap(PHASES[11])
     return times
 

@@ -96,9 +96,11 @@ def test_flop_count_matches_formula(quick_run):
 def test_sampler_evaluation_counts(quick_run):
     tables, _ = quick_run
     steps = 2  # --quick
-    grids = {  # times of the model evaluations, from SPEC section 8
+    # per model evaluation, the time that decides whether it is guided (SPEC section 8): its own time, except
+    # Heun's corrector at t_{i+1}, which follows its step's start t_i (evaluations at 1.0, 0.5, 0.5 -> 1.0, 1.0, 0.5)
+    grids = {
         "euler": np.linspace(1, 0, steps + 1)[:-1],
-        "heun": np.array([1.0, 0.5, 0.5]),
+        "heun": np.array([1.0, 1.0, 0.5]),
         "sde": np.linspace(1, 0.04, steps),
     }
     for row in tables["Sampling"].rows[:-1]:

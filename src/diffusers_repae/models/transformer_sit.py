@@ -128,6 +128,14 @@ class SiTBlock(nn.Module):
         return x
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled`` for any device; False for those autocast does not know (e.g. ``meta``)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 @dataclass
 class SiTTransformer2DModelOutput(BaseOutput):
     """
@@ -286,7 +294,7 @@ class SiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         x = self.patch_embed(hidden_states).flatten(2).transpose(1, 2)
         # As in the original, where pos_embed is an fp32 parameter: under autocast the fp32 buffer promotes the
         # token stream, so every residual sum stays fp32 while the blocks' matmuls run in half precision.
-        pos_embed = self.pos_embed if torch.is_autocast_enabled(x.device.type) else self.pos_embed.to(x.dtype)
+        pos_embed = self.pos_embed if _autocast_enabled(x.device.type) else self.pos_embed.to(x.dtype)
         x = x + pos_embed
         last_block = return_hidden_states_at if align_only else num_layers
         aligned = None
