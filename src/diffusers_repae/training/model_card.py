@@ -12,7 +12,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, load_or_create_model_card, populate_model_card
+from huggingface_hub import ModelCard, ModelCardData
 
 # Hub licence identifiers (https://huggingface.co/docs/hub/repositories-licenses).
 OPENMOJI_HUB_LICENSE = "cc-by-sa-4.0"
@@ -66,16 +67,21 @@ def save_model_card(
     implied = data_metadata(data_source)
     license = license or implied["license"]
     base_model = hub_model_id(base_model)
-    # As the diffusers examples do: the Hub repo's card if one exists (offline: none), else the training template.
-    lookup = repo_id or re.sub(r"[^\w.-]", "-", output_dir.resolve().name) or "model"
-    card = load_or_create_model_card(
-        repo_id_or_path=lookup,
-        from_training=True,
-        license=license,
-        base_model=base_model,
-        model_description=description,
-        inference=False,
-    )
+    if repo_id is None:  # nothing on the Hub to start from: no lookup (without a network it would wait on it)
+        card = ModelCard.from_template(
+            card_data=ModelCardData(license=license, library_name="diffusers", inference=False, base_model=base_model),
+            template_path=MODEL_CARD_TEMPLATE_PATH,
+            model_description=description,
+        )
+    else:  # as the diffusers examples do: the Hub repo's card if one exists, else the training template
+        card = load_or_create_model_card(
+            repo_id_or_path=repo_id,
+            from_training=True,
+            license=license,
+            base_model=base_model,
+            model_description=description,
+            inference=False,
+        )
     card.text = "\n" + description.strip() + "\n"  # the script's own body instead of the template's TODO sections
     card.data.license = license
     card.data.base_model = base_model
