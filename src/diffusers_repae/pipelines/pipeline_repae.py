@@ -262,6 +262,8 @@ class RepaEPipeline(RepaEHubMixin, DiffusionPipeline, RepaELoraLoaderMixin):
             )
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif not isinstance(latents, torch.Tensor):
+            raise TypeError(f"latents: got {type(latents).__name__}; allowed: a torch.Tensor of shape {shape}.")
         elif tuple(latents.shape) != shape:
             raise ValueError(
                 f"latents: shape {tuple(latents.shape)} does not match the expected {shape} "
