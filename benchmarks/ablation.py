@@ -79,13 +79,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     study.add_argument("--eval_every", type=int, default=250, help="Score every arm every K steps.")
     study.add_argument("--num_eval_samples", type=int, default=300, help="Samples per score (balanced classes).")
     study.add_argument("--num_inference_steps", type=int, default=30, help="Sampler steps for the scored samples.")
-    study.add_argument("--guidance_scale", type=float, default=2.0, help="Classifier-free guidance scale.")
+    study.add_argument("--guidance_scale", type=float, default=3.0, help="Classifier-free guidance scale.")
     study.add_argument("--eval_seed", type=int, default=0, help="Sampling seed (the same noise for every arm).")
     train = parser.add_argument_group("training (shared by all arms; defaults: the demo's)")
     train.add_argument("--recipe", type=str, default=demo.RECIPE, help="SiT / projector / VAE recipe.")
     train.add_argument("--vae", type=str, default=None, help="Starting VAE folder; default: train one first.")
     train.add_argument("--vae_steps", type=int, default=1500, help="train_vae.py steps when --vae is not given.")
-    train.add_argument("--train_batch_size", type=int, default=32, help="Batch size of every run.")
+    train.add_argument("--train_batch_size", type=int, default=16, help="Batch size of every run.")
     train.add_argument("--learning_rate", type=float, default=5e-4, help="AdamW learning rate of the SiT.")
     train.add_argument(
         "--vae_learning_rate", type=float, default=3e-4, help="AdamW learning rate of the VAE (train_vae, REPA-E)."
@@ -95,10 +95,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument(
         "--mixed_precision",
         choices=["auto", "no", "bf16"],
-        default="auto",
-        help="auto: bf16 where the CPU has bf16 units (or on CUDA), else fp32, as the demo.",
+        default="no",
+        help="no (fp32, as the demo); auto: bf16 where the CPU has bf16 units (or on CUDA), else fp32.",
     )
     train.add_argument("--enc_type", type=str, default="efficientnet-lite0", help="Vision encoder to align with.")
+    train.add_argument(
+        "--weighting", choices=["uniform", "lognormal"], default="lognormal", help="Training time distribution."
+    )
     add_data_args(parser)
     parser.set_defaults(resolution=32)
     args = parser.parse_args(argv)
@@ -161,9 +164,10 @@ def train_segment(args, arm: str, seed: int, vae: Path, run_dir: Path, end_step:
         "--mixed_precision", args.mixed_precision, "--train_batch_size", str(args.train_batch_size),
         "--max_train_steps", str(end_step), "--learning_rate", str(args.learning_rate),
         "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", str(args.lr_warmup_steps),
-        "--ema_decay", str(args.ema_decay), "--checkpointing_steps", str(args.eval_every),
-        "--checkpoints_total_limit", "1", "--validation_steps", "0", "--dataloader_num_workers", "0",
-        "--report_to", "none", "--random_flip", "--seed", str(seed), "--output_dir", str(run_dir), *data_flags(args),
+        "--ema_decay", str(args.ema_decay), "--weighting", args.weighting,
+        "--checkpointing_steps", str(args.eval_every), "--checkpoints_total_limit", "1", "--validation_steps", "0",
+        "--dataloader_num_workers", "0",
+        "--report_to", "none", "--seed", str(seed), "--output_dir", str(run_dir), *data_flags(args),
     ]  # fmt: skip
     if list_checkpoints(run_dir):
         argv += ["--resume_from_checkpoint", "latest"]
