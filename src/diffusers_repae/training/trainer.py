@@ -23,6 +23,7 @@ from diffusers import AutoencoderKL
 from diffusers.optimization import SchedulerType, get_scheduler
 from tqdm.auto import tqdm
 
+from ..cli import UserError
 from ..models.discriminator import PatchGANDiscriminator
 from ..models.latent_norm import LatentBatchNorm
 from ..pipelines.hub import push_folder_to_hub
@@ -402,6 +403,11 @@ def setup_accelerator(args: argparse.Namespace) -> Accelerator:
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
+        # accelerate accepts it, but no fp16 autocast happens on the CPU: refuse rather than claim fp16
+        raise UserError(
+            "--mixed_precision fp16 needs a GPU; on the CPU use bf16 (fast where the CPU has bf16 units) or no."
+        )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger.info(accelerator.state)
     source = "--mixed_precision" if args.mixed_precision is not None else "accelerate launch/config"
