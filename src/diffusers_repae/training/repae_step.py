@@ -277,6 +277,28 @@ def ema_target(accelerator: Accelerator, models: RepaEModels) -> nn.ModuleDict:
     return nn.ModuleDict({"transformer": transformer, "projector": projector, "latent_norm": models.latent_norm})
 
 
+def vae_reconstruction_update(
+    accelerator: Accelerator,
+    models: RepaEModels,
+    images: torch.Tensor,
+    generator: torch.Generator | None,
+    global_step: int,
+    max_grad_norm: float,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """VAE update on its generator loss alone (no alignment term): `train_vae.py`'s step and the REPA-E warm-up.
+
+    Returns the logged terms (``vae/*``, ``grad_norm/vae``), the detached latents and the detached reconstruction.
+    """
+    terms, z, reconstruction = vae_generator_loss(accelerator, models, images, generator, global_step)
+    accelerator.backward(terms["loss"])
+    logs = {f"vae/{k}": v.detach() for k, v in terms.items()}
+    if accelerator.sync_gradients:
+        logs["grad_norm/vae"] = _grad_norm(accelerator.clip_grad_norm_(models.vae.parameters(), max_grad_norm))
+    models.optimizer_vae.step()
+    models.optimizer_vae.zero_grad(set_to_none=True)
+    return logs, z.detach(), reconstruction.detach()
+
+
 def vae_warmup_pass(
     accelerator: Accelerator,
     models: RepaEModels,
@@ -285,20 +307,16 @@ def vae_warmup_pass(
     global_step: int,
     max_grad_norm: float,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """VAE update on its generator loss alone (no alignment: the SiT is untouched), for runs that start from a
-    random VAE. The latent BN keeps tracking the latents so the joint phase starts with sensible statistics."""
-    terms, z, reconstruction = vae_generator_loss(accelerator, models, images, generator, global_step)
-    accelerator.backward(terms["loss"])
-    out = {f"vae/{k}": v.detach() for k, v in terms.items() if k != "loss"}
-    out["vae/gen_loss"] = out["vae/loss"] = terms["loss"].detach()
-    if accelerator.sync_gradients:
-        out["grad_norm/vae"] = _grad_norm(accelerator.clip_grad_norm_(models.vae.parameters(), max_grad_norm))
-    models.optimizer_vae.step()
-    models.optimizer_vae.zero_grad(set_to_none=True)
+    """The REPA-E warm-up's VAE update (`vae_reconstruction_update`; the SiT is untouched), for runs that start from
+    a random VAE. The latent BN keeps tracking the latents so the joint phase starts with sensible statistics."""
+    logs, z, reconstruction = vae_reconstruction_update(
+        accelerator, models, images, generator, global_step, max_grad_norm
+    )
+    logs["vae/gen_loss"] = logs["vae/loss"]
     models.latent_norm.train()
     with torch.no_grad():
-        latent_norm_train(models.latent_norm, z.detach().float())
-    return out, reconstruction.detach()
+        latent_norm_train(models.latent_norm, z.float())
+    return logs, reconstruction
 
 
 def train_step(

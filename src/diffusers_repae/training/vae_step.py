@@ -1,7 +1,7 @@
 """One VAE training step (stage 1 of latent diffusion): the loss code of the end-to-end step, without the SiT.
 
 Generator update (L1 + LPIPS + KL + GAN, optionally with taming/LDM's adaptive GAN weight) then discriminator
-update, both through the functions `repae_step` uses (`vae_generator_loss`, `discriminator_pass`), so
+update, both through the functions `repae_step` uses (`vae_reconstruction_update`, `discriminator_pass`), so
 ``train_vae.py`` and ``train_repae.py`` optimise the same VAE loss. ``models`` is a `RepaEModels` whose SiT-side
 fields (transformer, projector, latent_norm, encoders, optimizer_sit) are unused.
 """
@@ -15,10 +15,9 @@ from accelerate import Accelerator
 from .repae_step import (
     RepaEHyperParameters,
     RepaEModels,
-    _grad_norm,
     discriminator_pass,
     images_to_vae_range,
-    vae_generator_loss,
+    vae_reconstruction_update,
 )
 
 
@@ -33,14 +32,10 @@ def vae_train_step(
     """One step on ``{"pixel_values": uint8 [B, 3, H, W], ...}``: VAE update, then discriminator update."""
     images = images_to_vae_range(batch["pixel_values"])
     with accelerator.accumulate(models.vae, models.discriminator):
-        terms, _, reconstruction = vae_generator_loss(accelerator, models, images, generator, global_step)
-        accelerator.backward(terms["loss"])
-        logs = {f"vae/{k}": v.detach() for k, v in terms.items()}
-        if accelerator.sync_gradients:
-            logs["grad_norm/vae"] = _grad_norm(accelerator.clip_grad_norm_(models.vae.parameters(), hp.max_grad_norm))
-        models.optimizer_vae.step()
-        models.optimizer_vae.zero_grad(set_to_none=True)
-        logs.update(discriminator_pass(accelerator, models, hp, images, reconstruction.detach(), global_step))
+        logs, _, reconstruction = vae_reconstruction_update(
+            accelerator, models, images, generator, global_step, hp.max_grad_norm
+        )
+        logs.update(discriminator_pass(accelerator, models, hp, images, reconstruction, global_step))
     return logs
 
 
