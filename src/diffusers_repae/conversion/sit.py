@@ -114,7 +114,9 @@ def parse_model_name(name: str) -> tuple[str, int]:
 
 
 def find_recipe(transformer_config: Mapping, preferred: tuple[str, ...] = ()) -> str | None:
-    """A shipped recipe whose transformer has these shapes: the first of ``preferred`` that does, else any."""
+    """A shipped recipe whose transformer has these shapes: the first of ``preferred`` that does, else one of the
+    same latent size, else any."""
+    size = transformer_config.get("sample_size")
     keys = ("hidden_size", "num_layers", "patch_size", "in_channels")
     matches = [
         name
@@ -124,7 +126,9 @@ def find_recipe(transformer_config: Mapping, preferred: tuple[str, ...] = ()) ->
     for name in preferred:
         if name in matches:
             return name
-    return matches[0] if matches else None
+    # shapes alone can fit several recipes (tiny-cpu and emoji-cpu): the one trained at the same latent size first
+    same_size = [m for m in matches if load_component_config(m, "transformer").get("sample_size") == size]
+    return (same_size or matches or [None])[0]
 
 
 def infer_sit_config(
