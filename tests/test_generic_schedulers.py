@@ -252,3 +252,17 @@ def test_pipeline_refuses_a_non_flow_scheduler(pipe):
             pipe(class_labels=0, num_inference_steps=2, output_type="latent")
     finally:
         pipe.scheduler = FlowMatchEulerMaruyamaScheduler()
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "sde", "dpmsolver++", "unipc"])
+def test_switching_sampler_from_another_schedulers_config_is_quiet(sampler, monkeypatch):
+    """`sampler=` builds from the pipeline's scheduler config; keys the new class does not take are dropped, so
+    diffusers' "config attributes ... will be ignored" warning never fires."""
+    import diffusers.configuration_utils as configuration_utils
+
+    warnings = []
+    monkeypatch.setattr(configuration_utils.logger, "warning", lambda message, *a, **k: warnings.append(message))
+    sde_config = FlowMatchEulerMaruyamaScheduler(t_last=0.04).config
+    scheduler = scheduler_for_sampler(sampler, sde_config)
+    assert not [w for w in warnings if "will be ignored" in w]
+    assert scheduler.config.num_train_timesteps == 1000

@@ -165,7 +165,9 @@ def scheduler_for_sampler(sampler: str, config: dict | None = None):
         config.update(MULTISTEP_FLOW_CONFIG, use_dynamic_shifting=False, solver_order=2)
         if cls is DPMSolverMultistepScheduler:
             config.update(algorithm_type="dpmsolver++")
-    return cls.from_config(config)
+    # only what this class takes: another scheduler's keys (t_last, path_type) would make diffusers warn
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls.from_config({key: value for key, value in config.items() if key in accepted})
 
 
 def is_flow_matching(scheduler) -> bool:
