@@ -305,7 +305,15 @@ def test_f16d32_vae_from_safetensors_with_unknown_key_fails(f16d32_files, tmp_pa
     save_file({**state, "encoder.extra_head.weight": torch.zeros(2)}, str(tmp_path / "bad.safetensors"))
     assert (
         convert_vae.main(
-            ["--checkpoint", str(tmp_path / "bad.safetensors"), "--arch", "f16d32", "--output_dir", str(out), "--overwrite"]
+            [
+                "--checkpoint",
+                str(tmp_path / "bad.safetensors"),
+                "--arch",
+                "f16d32",
+                "--output_dir",
+                str(out),
+                "--overwrite",
+            ]
         )
         == 2
     )
@@ -313,7 +321,15 @@ def test_f16d32_vae_from_safetensors_with_unknown_key_fails(f16d32_files, tmp_pa
     # an f16d32 file declared as f8d4: the per-level attention keys are reported by name
     assert (
         convert_vae.main(
-            ["--checkpoint", str(tmp_path / "vae.safetensors"), "--arch", "f8d4", "--output_dir", str(out), "--overwrite"]
+            [
+                "--checkpoint",
+                str(tmp_path / "vae.safetensors"),
+                "--arch",
+                "f8d4",
+                "--output_dir",
+                str(out),
+                "--overwrite",
+            ]
         )
         == 2
     )

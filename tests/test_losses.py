@@ -167,7 +167,7 @@ def reference_lpips(model, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     for k, (fa, fb) in enumerate(zip(feats_a, feats_b)):
         fa = fa / (fa.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
         fb = fb / (fb.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
-        total = total + model.lins[k](((fa - fb) ** 2)).mean(dim=(2, 3), keepdim=True)
+        total = total + model.lins[k]((fa - fb) ** 2).mean(dim=(2, 3), keepdim=True)
     return total
 
 
