@@ -2,12 +2,12 @@
 
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_setup import write_tiny_setup
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,26 +22,7 @@ def _load_ablation():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A 2-class image folder (8 images) and a shrunken tiny-cpu recipe (32 px, 8x8x4 latents, 16 tokens)."""
-    root = tmp_path_factory.mktemp("study")
-    rng = np.random.default_rng(0)
-    for channel, name in ((0, "red"), (2, "blue")):
-        folder = root / "images" / name
-        folder.mkdir(parents=True)
-        for i in range(4):
-            array = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
-            array[..., channel] = 230
-            Image.fromarray(array).save(folder / f"{i}.png")
-    recipe = root / "recipe"
-    shutil.copytree(REPO / "pipelines" / "tiny-cpu", recipe)
-
-    def edit(component, **changes):
-        path = recipe / component / "config.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
-
-    edit("transformer", hidden_size=32, num_layers=2, num_attention_heads=2, sample_size=8)
-    edit("vae", block_out_channels=[8, 16, 16], norm_num_groups=8, sample_size=32)
-    edit("projector", hidden_size=32, projector_dim=32, encoder_depth=1)
-    return root
+    return write_tiny_setup(tmp_path_factory.mktemp("study"), images_per_class=4, side=32)
 
 
 def test_two_arms_one_seed(tiny):

@@ -1,8 +1,6 @@
 """End-to-end REPA-E training: one step's stop-gradients and losses, resume equivalence, 2 processes, the CLI."""
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +12,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from diffusers import AutoencoderKL
-from PIL import Image
 from safetensors.torch import load_file
+from tiny_setup import write_tiny_setup
 
 from diffusers_repae import LatentBatchNorm, REPAProjector, SiTTransformer2DModel
 from diffusers_repae.models.discriminator import PatchGANDiscriminator
@@ -201,26 +199,7 @@ def test_train_step_updates_ema_with_bn_buffers():
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     """A 2-class image folder (12 images: 3 batches of 4) and a shrunken tiny-cpu recipe (32 px, 16 tokens)."""
-    root = tmp_path_factory.mktemp("repae")
-    rng = np.random.default_rng(0)
-    for channel, name in ((0, "red"), (2, "blue")):
-        folder = root / "images" / name
-        folder.mkdir(parents=True)
-        for i in range(6):
-            array = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
-            array[..., channel] = 230
-            Image.fromarray(array).save(folder / f"{i}.png")
-    recipe = root / "recipe"
-    shutil.copytree(REPO / "pipelines" / "tiny-cpu", recipe)
-
-    def edit(component, **changes):
-        path = recipe / component / "config.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
-
-    edit("transformer", hidden_size=32, num_layers=2, num_attention_heads=2, sample_size=8)
-    edit("vae", block_out_channels=[8, 16, 16], norm_num_groups=8, sample_size=32)
-    edit("projector", hidden_size=32, projector_dim=32, encoder_depth=1)
-    return root
+    return write_tiny_setup(tmp_path_factory.mktemp("repae"))
 
 
 def _argv(setup, output_dir, steps, *extra):

@@ -1,8 +1,6 @@
 """train_vae.py: the shared VAE loss (adaptive GAN weight, discriminator loss), exact resume, and an exported
 AutoencoderKL that train_ldm.py and train_repae.py accept."""
 
-import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -14,6 +12,7 @@ from accelerate.state import AcceleratorState, GradientState
 from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
+from tiny_setup import write_tiny_setup
 
 from diffusers_repae.models.discriminator import PatchGANDiscriminator
 from diffusers_repae.training.losses import VAEReconstructionLoss
@@ -72,26 +71,7 @@ def test_discriminator_loss_is_the_scaled_hinge():
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     """A 2-class image folder (12 images: 3 batches of 4) and a shrunken tiny-cpu recipe (32 px, 8x8x4 latents)."""
-    root = tmp_path_factory.mktemp("vae")
-    rng = np.random.default_rng(0)
-    for channel, name in ((0, "red"), (2, "blue")):
-        folder = root / "images" / name
-        folder.mkdir(parents=True)
-        for i in range(6):
-            array = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
-            array[..., channel] = 230
-            Image.fromarray(array).save(folder / f"{i}.png")
-    recipe = root / "recipe"
-    shutil.copytree(REPO / "pipelines" / "tiny-cpu", recipe)
-
-    def edit(component, **changes):
-        path = recipe / component / "config.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
-
-    edit("transformer", hidden_size=32, num_layers=2, num_attention_heads=2, sample_size=8)
-    edit("vae", block_out_channels=[8, 16, 16], norm_num_groups=8, sample_size=32)
-    edit("projector", hidden_size=32, projector_dim=32, encoder_depth=1)
-    return root
+    return write_tiny_setup(tmp_path_factory.mktemp("vae"))
 
 
 def _common(setup, output_dir, steps):
