@@ -107,6 +107,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Train only the VAE's reconstruction for this many first steps, then REPA-E as usual. Not in the "
         "original (0, the default), which starts from a trained VAE; useful when --vae is not given.",
     )
+    parser.add_argument(
+        "--vae_freeze_step",
+        type=int,
+        default=None,
+        help="From this step on, freeze the VAE and train only the SiT (denoising + alignment) on its latents: the "
+        "paper's second stage, an LDM on the end-to-end-tuned VAE, continued in the same run. These steps skip the "
+        "VAE backward and decoder, so they are several times cheaper. Default: end-to-end to the last step, as the "
+        "original.",
+    )
     add_vae_loss_args(parser)
     add_sit_training_args(parser, tracker_project_name="train_repae")
     add_data_args(parser)
@@ -116,6 +125,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_sit_training_args(args)
     if args.vae_warmup_steps < 0:
         parser.error(f"--vae_warmup_steps must be >= 0, got {args.vae_warmup_steps}.")
+    if args.vae_freeze_step is not None and args.vae_freeze_step <= args.vae_warmup_steps:
+        parser.error(
+            f"--vae_freeze_step must be > --vae_warmup_steps ({args.vae_warmup_steps}), got {args.vae_freeze_step}: "
+            "the SiT needs some end-to-end steps before the VAE is frozen."
+        )
     return args
 
 
@@ -280,6 +294,7 @@ def main(argv: list[str] | None = None) -> Path:
         cfg_prob=args.cfg_prob,
         max_grad_norm=args.max_grad_norm,
         vae_warmup_steps=args.vae_warmup_steps,
+        vae_freeze_step=args.vae_freeze_step,
     )
 
     global_step, resume = resume_and_start_trackers(args, accelerator)

@@ -56,6 +56,9 @@ class RepaEHyperParameters:
     freeze_latent_norm: bool = False
     # Not in the original (which starts from a trained VAE): the first steps train only the VAE's reconstruction.
     vae_warmup_steps: int = 0
+    # From this step on the VAE is frozen and only the SiT trains on its latents (the paper's second stage, an LDM
+    # on the end-to-end-tuned VAE, continued in the same run); None: end-to-end to the last step, as the original.
+    vae_freeze_step: int | None = None
 
 
 @dataclass
@@ -319,6 +322,34 @@ def vae_warmup_pass(
     return logs, reconstruction
 
 
+@torch.no_grad()
+def frozen_vae_latents(
+    accelerator: Accelerator, models: RepaEModels, images: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
+    """A posterior sample of the frozen VAE (encoder only: no decoder pass, no gradient)."""
+    vae = accelerator.unwrap_model(models.vae).vae
+    vae.eval()
+    with accelerator.autocast():
+        return vae.encode(images).latent_dist.sample(generator=generator)
+
+
+def sit_only_pass(
+    accelerator: Accelerator,
+    models: RepaEModels,
+    hp: RepaEHyperParameters,
+    images: torch.Tensor,
+    pixel_values: torch.Tensor,
+    labels: torch.Tensor,
+    generator: torch.Generator | None,
+) -> dict[str, torch.Tensor]:
+    """The step after ``hp.vae_freeze_step``: the SiT pass of a REPA-E step (denoising + alignment, latent BN in
+    training mode) on latents of the frozen VAE, drawing its randomness in the same order as the joint step."""
+    zs = encoder_features(models.encoders, pixel_values)
+    latents = frozen_vae_latents(accelerator, models, images, generator)
+    noise = draw_step_noise(latents, hp, generator)
+    return sit_pass(accelerator, models, hp, latents, labels, zs, noise)
+
+
 def train_step(
     accelerator: Accelerator,
     models: RepaEModels,
@@ -329,7 +360,8 @@ def train_step(
 ) -> dict[str, torch.Tensor]:
     """One full REPA-E step on a batch ``{"pixel_values": uint8 [B,3,H,W], "labels": [B]}``; returns loss terms.
 
-    Before ``hp.vae_warmup_steps`` the step is VAE-only (`vae_warmup_pass`) plus the discriminator once active.
+    Before ``hp.vae_warmup_steps`` the step is VAE-only (`vae_warmup_pass`) plus the discriminator once active;
+    from ``hp.vae_freeze_step`` on it is SiT-only on the frozen VAE (`sit_only_pass`).
     """
     pixel_values, labels = batch["pixel_values"], batch["labels"].long()
     images = images_to_vae_range(pixel_values)
@@ -339,6 +371,8 @@ def train_step(
                 accelerator, models, images, generator, global_step, hp.max_grad_norm
             )
             logs.update(discriminator_pass(accelerator, models, hp, images, reconstruction, global_step))
+        elif hp.vae_freeze_step is not None and global_step >= hp.vae_freeze_step:
+            logs = sit_only_pass(accelerator, models, hp, images, pixel_values, labels, generator)
         else:
             zs = encoder_features(models.encoders, pixel_values)
             logs, latents, reconstruction, noise = vae_alignment_pass(

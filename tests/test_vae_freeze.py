@@ -1,0 +1,67 @@
+"""`--vae_freeze_step`: after it, a step leaves the VAE alone and makes exactly the SiT half of a REPA-E step."""
+
+import pytest
+import torch
+from accelerate import Accelerator
+from test_train_repae import _batch, _models, _params, _reset_accelerate, _same
+
+from diffusers_repae.training.repae_step import RepaEHyperParameters, train_step
+
+
+def _trained(vae_freeze_step, global_step):
+    """Fresh identical models after one step at ``global_step`` (GAN off, generator seed 3)."""
+    _reset_accelerate()
+    accelerator = Accelerator(cpu=True)
+    models = _models(accelerator)
+    models.vae_loss.disc_start = 10**9
+    hp = RepaEHyperParameters(encoder_depth=1, vae_freeze_step=vae_freeze_step)
+    before = {name: _params(getattr(models, name)) for name in ("vae", "transformer", "projector", "discriminator")}
+    logs = train_step(accelerator, models, hp, _batch(), torch.Generator().manual_seed(3), global_step)
+    return models, before, logs
+
+
+def test_frozen_step_trains_only_the_sit():
+    models, before, logs = _trained(vae_freeze_step=2, global_step=2)
+    assert set(logs) == {"sit/denoising_loss", "sit/proj_loss", "sit/loss", "grad_norm/sit"}
+    assert _same(before["vae"], _params(models.vae))
+    assert _same(before["discriminator"], _params(models.discriminator))
+    assert not _same(before["transformer"], _params(models.transformer))
+    assert not _same(before["projector"], _params(models.projector))
+
+
+def test_frozen_step_equals_the_sit_half_of_the_joint_step():
+    # Same models and generator: the joint step samples the posterior, then t / noise / label dropout, and trains
+    # the SiT on those latents; the frozen step must draw the same values and make the same SiT update.
+    joint, _, joint_logs = _trained(vae_freeze_step=None, global_step=0)
+    frozen, _, frozen_logs = _trained(vae_freeze_step=1, global_step=1)
+    for key in ("sit/denoising_loss", "sit/proj_loss"):
+        torch.testing.assert_close(frozen_logs[key], joint_logs[key], rtol=1e-5, atol=1e-6)
+    for name in ("transformer", "projector"):
+        after_joint, after_frozen = _params(getattr(joint, name)), _params(getattr(frozen, name))
+        for key in after_joint:
+            torch.testing.assert_close(after_frozen[key], after_joint[key], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(frozen.latent_norm.running_mean, joint.latent_norm.running_mean)
+    torch.testing.assert_close(frozen.latent_norm.running_var, joint.latent_norm.running_var)
+
+
+def test_steps_before_the_freeze_are_joint():
+    models, before, logs = _trained(vae_freeze_step=5, global_step=4)
+    assert "vae/proj_loss" in logs and "sit/denoising_loss" in logs
+    assert not _same(before["vae"], _params(models.vae))
+
+
+@pytest.mark.parametrize("flags", [["--vae_freeze_step", "0"], ["--vae_warmup_steps", "3", "--vae_freeze_step", "3"]])
+def test_a_freeze_step_not_after_the_warmup_is_refused(flags, capsys):
+    import sys
+
+    from test_train_repae import SCRIPT
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import train_repae
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(SystemExit) as exit_info:
+        train_repae.parse_args(["--output_dir", "unused", *flags])
+    assert exit_info.value.code == 2
+    assert "--vae_freeze_step must be >" in capsys.readouterr().err
