@@ -65,3 +65,25 @@ def test_a_freeze_step_not_after_the_warmup_is_refused(flags, capsys):
         train_repae.parse_args(["--output_dir", "unused", *flags])
     assert exit_info.value.code == 2
     assert "--vae_freeze_step must be >" in capsys.readouterr().err
+
+
+def test_the_model_card_says_when_the_vae_was_frozen():
+    import sys
+    from types import SimpleNamespace
+
+    from test_train_repae import SCRIPT
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import train_repae
+    finally:
+        sys.path.pop(0)
+    args = SimpleNamespace(
+        output_dir="out", recipe="emoji-cpu", resolution=32, enc_type="efficientnet-lite0", encoder_depth=2,
+        lpips_weight=1.0, disc_start=0, vae_warmup_steps=0, vae_freeze_step=300,
+    )  # fmt: skip
+    data = SimpleNamespace(source="folder", num_classes=2, attribution=None)
+    card = train_repae.model_card(args, data, {"sit": 1}, global_step=1000, global_batch=16)
+    assert "first 300 steps only" in card and "remaining 700 steps" in card
+    args.vae_freeze_step = None
+    assert "frozen" not in train_repae.model_card(args, data, {"sit": 1}, global_step=1000, global_batch=16)

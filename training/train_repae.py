@@ -178,6 +178,18 @@ def model_card(args, data, num_params: dict[str, int], global_step: int, global_
             "VAE was tuned without the adversarial loss.",
             "",
         ]
+    if args.vae_warmup_steps:
+        lines += [
+            f"The first {args.vae_warmup_steps} steps trained only the VAE's reconstruction (`--vae_warmup_steps`).",
+            "",
+        ]
+    if args.vae_freeze_step is not None and args.vae_freeze_step < global_step:
+        lines += [
+            f"**End-to-end for the first {args.vae_freeze_step} steps only** (`--vae_freeze_step`): the VAE was then "
+            "frozen and the SiT trained on its latents (denoising + alignment) for the remaining "
+            f"{global_step - args.vae_freeze_step} steps.",
+            "",
+        ]
     if data.attribution:
         lines += ["## Training data licence", "", data.attribution, ""]
     return "\n".join(lines)
