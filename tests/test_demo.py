@@ -39,7 +39,7 @@ def demo_run(tmp_path_factory):
     out = root / "out"
     argv = [
         "--output_dir", str(out), "--train_data_dir", str(images), "--max_train_steps", "3",
-        "--vae_warmup_steps", "1", "--train_batch_size", "4", "--num_eval_samples", "10",
+        "--vae_warmup_steps", "1", "--vae_freeze_step", "2", "--train_batch_size", "4", "--num_eval_samples", "10",
         "--num_inference_steps", "2",
     ]  # fmt: skip
     metrics = demo.main(argv)
@@ -54,6 +54,9 @@ def test_demo_writes_its_report(demo_run):
         assert np.isfinite(saved[key])
     assert 0 <= saved["precision-EfficientNetLite0"] <= 1 and 0 <= saved["recall-EfficientNetLite0"] <= 1
     assert saved["num_samples"] == 10 and saved["num_reference_images"] == 12
+    vae_alone = saved["vae_reconstructions"]
+    assert vae_alone["num_images"] == 10 and np.isfinite(vae_alone["FD-EfficientNetLite0"])
+    assert 0 <= vae_alone["precision-EfficientNetLite0"] <= 1
     assert (out / "pipeline" / "model_index.json").is_file()
     assert (out / "loss_curves.png").is_file()
 
@@ -76,3 +79,22 @@ def test_demo_refuses_to_overwrite_a_finished_demo(demo_run, capsys):
     assert exit_info.value.code == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "metrics.json").read_bytes() == before
+
+
+def test_reconstructions_decode_the_posterior_mean():
+    import torch
+    from diffusers import AutoencoderKL
+
+    from diffusers_repae.evaluation.quick_score import reconstructions
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=[8], norm_num_groups=8, latent_channels=2, layers_per_block=1).eval()
+    images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    got = reconstructions(vae, images, batch_size=2)  # batches of 2, 2 and 1
+    with torch.no_grad():  # the same, written out: [-1, 1] in, mean latent, decode, back to uint8
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        moments = vae.quant_conv(vae.encoder(x))
+        y = vae.decode(moments[:, :2]).sample.clamp(-1, 1)
+    expected = ((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert got.dtype == np.uint8 and got.shape == images.shape
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1

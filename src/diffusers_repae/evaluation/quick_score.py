@@ -59,3 +59,15 @@ def pooled_features(extractor: nn.Module, images: np.ndarray, desc: str = "featu
     """The extractor's pooled features of uint8 ``[N, H, W, 3]`` images."""
     with torch.inference_mode():
         return extract_features(extractor, uint8_batches(images), total=len(images), desc=desc)["pool"]
+
+
+@torch.no_grad()
+def reconstructions(vae: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """uint8 ``[N, H, W, 3]`` images decoded from their posterior mean: what the VAE alone can reach."""
+    decoded = []
+    for batch in uint8_batches(images, batch_size):
+        x = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = x.to(device=vae.device, dtype=vae.dtype)
+        y = vae.decode(vae.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
+        decoded.append(((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(decoded)
