@@ -253,9 +253,9 @@ def main(argv: list[str] | None = None) -> dict:
     reference_features = pooled_features(extractor, reference)
     scores = score_features(reference_features, pooled_features(extractor, samples))
     # the VAE alone, on as many training images as samples: the bound its reconstructions put on the samples
-    some = np.random.default_rng(args.seed).permutation(len(reference))[: len(samples)]
+    reconstructed_ids = np.random.default_rng(args.seed).permutation(len(reference))[: len(samples)]
     vae_scores = score_features(
-        reference_features, pooled_features(extractor, reconstructions(pipe.vae, reference[some]))
+        reference_features, pooled_features(extractor, reconstructions(pipe.vae, reference[reconstructed_ids]))
     )
     metrics = {
         "FD-EfficientNetLite0": round(scores["fd"], 2),
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
             "FD-EfficientNetLite0": round(vae_scores["fd"], 2),
             "precision-EfficientNetLite0": round(vae_scores["precision"], 4),
             "recall-EfficientNetLite0": round(vae_scores["recall"], 4),
-            "num_images": len(some),
+            "num_images": len(reconstructed_ids),
         },
         "num_samples": len(samples),
         "num_reference_images": len(reference),
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{metrics['precision-EfficientNetLite0']:.3f}   recall {metrics['recall-EfficientNetLite0']:.3f}"
     )
     print(
-        f"  the VAE alone ({len(some)} training images through encode/decode): FD-EfficientNetLite0 "
+        f"  the VAE alone ({len(reconstructed_ids)} training images through encode/decode): FD-EfficientNetLite0 "
         f"{vae_scores['fd']:.1f}   precision {vae_scores['precision']:.3f}"
     )
     print(f"  metrics:                        {out / 'metrics.json'}")
