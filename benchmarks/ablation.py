@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--train_batch_size", type=int, default=16, help="Batch size of every run.")
     train.add_argument("--learning_rate", type=float, default=5e-4, help="AdamW learning rate of the SiT.")
     train.add_argument(
-        "--vae_learning_rate", type=float, default=3e-4, help="AdamW learning rate of the VAE (train_vae, REPA-E)."
+        "--vae_learning_rate", type=float, default=1e-3, help="AdamW learning rate of the VAE (train_vae, REPA-E)."
     )
     train.add_argument("--lr_warmup_steps", type=int, default=100, help="Linear learning-rate warm-up, then constant.")
     train.add_argument("--ema_decay", type=float, default=0.995, help="EMA decay of the SiT.")
