@@ -81,6 +81,20 @@ def test_demo_refuses_to_overwrite_a_finished_demo(demo_run, capsys):
     assert (out / "metrics.json").read_bytes() == before
 
 
+@pytest.mark.parametrize("flags", [["--vae_freeze_step", "5", "--vae_warmup_steps", "5"], ["--vae_freeze_step", "-1"]])
+def test_demo_refuses_a_freeze_step_inside_the_warm_up(flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.parse_args(flags)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--vae_freeze_step must be 0" in err
+    assert "--num_eval_samples" in err  # the demo's own usage line, not train_repae's
+
+
+def test_demo_accepts_no_freeze():
+    assert demo.parse_args(["--vae_freeze_step", "0"]).vae_freeze_step == 0
+
+
 def test_reconstructions_decode_the_posterior_mean():
     import torch
     from diffusers import AutoencoderKL

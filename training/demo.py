@@ -118,6 +118,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("give --train_data_dir or --dataset_name, not both.")
     if args.num_eval_samples < 10:
         parser.error(f"--num_eval_samples must be >= 10, got {args.num_eval_samples}.")
+    if args.vae_freeze_step and args.vae_freeze_step <= args.vae_warmup_steps:
+        parser.error(
+            f"--vae_freeze_step must be 0 (never freeze) or > --vae_warmup_steps ({args.vae_warmup_steps}), got "
+            f"{args.vae_freeze_step}."
+        )
     return args
 
 
