@@ -34,7 +34,7 @@ style: install
 bench: install
 	$(PY) benchmarks/run_all.py
 
-# vanilla / REPA / REPA-E from one VAE, 3 seeds, into study/ (to redo: $(PY) benchmarks/ablation.py --overwrite)
+# vanilla / REPA / REPA-E from one VAE, 3 seeds, into study/ (38 min on 2 cores; to redo: $(PY) benchmarks/ablation.py --overwrite)
 study: install
 	$(PY) benchmarks/ablation.py
 
