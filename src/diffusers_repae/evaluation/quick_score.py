@@ -12,6 +12,7 @@ from torch import nn
 
 from .features import extract_features
 from .metrics import frechet_distance_from_features, precision_recall
+from .reconstruction import reconstruct
 from .sampling import generate_batch, sample_labels
 
 
@@ -61,13 +62,10 @@ def pooled_features(extractor: nn.Module, images: np.ndarray, desc: str = "featu
         return extract_features(extractor, uint8_batches(images), total=len(images), desc=desc)["pool"]
 
 
-@torch.no_grad()
 def reconstructions(vae: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """uint8 ``[N, H, W, 3]`` images decoded from their posterior mean: what the VAE alone can reach."""
+    """uint8 ``[N, H, W, 3]`` images through `reconstruct` (posterior mean): what the VAE alone can reach."""
     decoded = []
     for batch in uint8_batches(images, batch_size):
-        x = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1
-        x = x.to(device=vae.device, dtype=vae.dtype)
-        y = vae.decode(vae.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
-        decoded.append(((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+        channels_first = torch.from_numpy(batch).permute(0, 3, 1, 2).to(vae.device)
+        decoded.append(reconstruct(vae, channels_first).permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(decoded)
