@@ -167,6 +167,15 @@ def train(args, pipeline_dir: Path, precision: str) -> None:
     )  # fmt: skip
 
 
+def named_scores(scores: dict) -> dict:
+    """``score_features``' fd / precision / recall under their metrics.json names, rounded for reading."""
+    return {
+        "FD-EfficientNetLite0": round(scores["fd"], 2),
+        "precision-EfficientNetLite0": round(scores["precision"], 4),
+        "recall-EfficientNetLite0": round(scores["recall"], 4),
+    }
+
+
 def labelled_rows(images: np.ndarray, labels: np.ndarray, names: dict[int, str], per_row: int = 8, zoom: int = 2):
     """One row per class: its name on the left, then ``per_row`` samples, each enlarged ``zoom`` times."""
     from PIL import Image, ImageDraw, ImageFont
@@ -263,15 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
         reference_features, pooled_features(extractor, reconstructions(pipe.vae, reference[reconstructed_ids]))
     )
     metrics = {
-        "FD-EfficientNetLite0": round(scores["fd"], 2),
-        "precision-EfficientNetLite0": round(scores["precision"], 4),
-        "recall-EfficientNetLite0": round(scores["recall"], 4),
-        "vae_reconstructions": {
-            "FD-EfficientNetLite0": round(vae_scores["fd"], 2),
-            "precision-EfficientNetLite0": round(vae_scores["precision"], 4),
-            "recall-EfficientNetLite0": round(vae_scores["recall"], 4),
-            "num_images": len(reconstructed_ids),
-        },
+        **named_scores(scores),
+        "vae_reconstructions": {**named_scores(vae_scores), "num_images": len(reconstructed_ids)},
         "num_samples": len(samples),
         "num_reference_images": len(reference),
         "data": data.source,
