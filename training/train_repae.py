@@ -32,6 +32,7 @@ from diffusers_repae.training.data import add_data_args, build_dataloader, train
 from diffusers_repae.training.ema import ModelEMA
 from diffusers_repae.training.model_card import PIPELINE_TAGS, save_model_card
 from diffusers_repae.training.repae_step import (
+    FrozenTargetCache,
     RepaEHyperParameters,
     RepaEModels,
     VAEWithPosterior,
@@ -116,6 +117,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "VAE backward and decoder (about twice as fast in the demo's CPU recipe). Default: end-to-end to the last "
         "step, as the original.",
     )
+    parser.add_argument(
+        "--cache_frozen_targets",
+        action="store_true",
+        help="After --vae_freeze_step, compute each distinct training image's VAE posterior and encoder tokens "
+        "once and reuse them in later epochs (kept in memory, up to 50,000 images): SiT-only steps then run the SiT "
+        "alone. For small datasets seen for many epochs; a streamed dataset rarely repeats an image.",
+    )
     add_vae_loss_args(parser)
     add_sit_training_args(parser, tracker_project_name="train_repae")
     add_data_args(parser)
@@ -130,6 +138,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"--vae_freeze_step must be > --vae_warmup_steps ({args.vae_warmup_steps}), got {args.vae_freeze_step}: "
             "the SiT needs some end-to-end steps before the VAE is frozen."
         )
+    if args.cache_frozen_targets and args.vae_freeze_step is None:
+        parser.error("--cache_frozen_targets needs --vae_freeze_step (the targets change while the VAE trains).")
     return args
 
 
@@ -285,6 +295,7 @@ def main(argv: list[str] | None = None) -> Path:
         optimizer_vae=optimizer_vae,
         optimizer_disc=optimizer_disc,
         optimizer_sit=optimizer_sit,
+        frozen_cache=FrozenTargetCache() if args.cache_frozen_targets else None,
     )
     models.ema = ModelEMA(ema_target(accelerator, models), decay=args.ema_decay)  # starts as an exact copy
     generators = ProcessGenerators(accelerator, args.seed)

@@ -8,11 +8,14 @@ same t and noise) -> EMA. All randomness of a step (posterior sample, t, noise, 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from .ema import ModelEMA
@@ -76,6 +79,8 @@ class RepaEModels:
     optimizer_disc: torch.optim.Optimizer
     optimizer_sit: torch.optim.Optimizer
     ema: ModelEMA | None = None
+    # SiT-only steps after the freeze: reuse each image's posterior and encoder tokens (None: compute every step)
+    frozen_cache: FrozenTargetCache | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -323,14 +328,57 @@ def vae_warmup_pass(
 
 
 @torch.no_grad()
-def frozen_vae_latents(
-    accelerator: Accelerator, models: RepaEModels, images: torch.Tensor, generator: torch.Generator | None
-) -> torch.Tensor:
-    """A posterior sample of the frozen VAE (encoder only: no decoder pass, no gradient)."""
+def frozen_vae_posterior(accelerator: Accelerator, models: RepaEModels, images: torch.Tensor) -> DiagonalGaussianDistribution:
+    """The frozen VAE's posterior of ``images`` (encoder only: no decoder pass, no gradient)."""
     vae = accelerator.unwrap_model(models.vae).vae
     vae.eval()
     with accelerator.autocast():
-        return vae.encode(images).latent_dist.sample(generator=generator)
+        return vae.encode(images).latent_dist
+
+
+class FrozenTargetCache:
+    """Once the VAE is frozen, an image's posterior and its encoder tokens never change again: they are computed
+    the first time each distinct image (keyed by its bytes, so flipped copies are their own entries) is seen and
+    reused in later epochs. Worth it when the dataset is small and the encoders dominate a SiT-only step; past
+    ``max_images`` entries it stops growing and computes the rest each time.
+    """
+
+    def __init__(self, max_images: int = 50_000):
+        self.max_images = max_images
+        self.entries: dict[bytes, tuple[torch.Tensor, ...]] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def lookup(self, pixel_values: torch.Tensor, compute) -> tuple[torch.Tensor, ...]:
+        """Per-image tensors ``compute(indices)`` returns for the batch rows ``indices``, stacked in batch order."""
+        keys = [hashlib.blake2b(image.tobytes(), digest_size=16).digest() for image in pixel_values.cpu().numpy()]
+        missing = [i for i, key in enumerate(keys) if key not in self.entries]
+        fresh = {}
+        if missing:
+            computed = compute(torch.tensor(missing, device=pixel_values.device))
+            for row, i in enumerate(missing):
+                fresh[keys[i]] = tuple(tensor[row] for tensor in computed)
+            room = self.max_images - len(self.entries)
+            self.entries.update(dict(list(fresh.items())[: max(room, 0)]))
+        rows = [fresh[key] if key in fresh else self.entries[key] for key in keys]
+        return tuple(torch.stack(parts) for parts in zip(*rows))
+
+
+def frozen_vae_targets(
+    accelerator: Accelerator, models: RepaEModels, images: torch.Tensor, pixel_values: torch.Tensor
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """``(encoder tokens, posterior mean, posterior std)`` of a batch under the frozen VAE, through
+    ``models.frozen_cache`` when there is one."""
+
+    def compute(rows: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        subset = slice(None) if rows is None else rows
+        posterior = frozen_vae_posterior(accelerator, models, images[subset])
+        return (posterior.mean, posterior.std, *encoder_features(models.encoders, pixel_values[subset]))
+
+    computed = compute() if models.frozen_cache is None else models.frozen_cache.lookup(pixel_values, compute)
+    mean, std, *zs = computed
+    return zs, mean, std
 
 
 def sit_only_pass(
@@ -344,8 +392,9 @@ def sit_only_pass(
 ) -> dict[str, torch.Tensor]:
     """The step after ``hp.vae_freeze_step``: the SiT pass of a REPA-E step (denoising + alignment, latent BN in
     training mode) on latents of the frozen VAE, drawing its randomness in the same order as the joint step."""
-    zs = encoder_features(models.encoders, pixel_values)
-    latents = frozen_vae_latents(accelerator, models, images, generator)
+    zs, mean, std = frozen_vae_targets(accelerator, models, images, pixel_values)
+    # the posterior sample exactly as DiagonalGaussianDistribution.sample draws it (same generator stream)
+    latents = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     noise = draw_step_noise(latents, hp, generator)
     return sit_pass(accelerator, models, hp, latents, labels, zs, noise)
 
