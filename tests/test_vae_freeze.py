@@ -5,16 +5,23 @@ import torch
 from accelerate import Accelerator
 from test_train_repae import _batch, _models, _params, _reset_accelerate, _same
 
-from diffusers_repae.training.repae_step import FrozenTargetCache, RepaEHyperParameters, train_step
+from diffusers_repae.training.repae_step import (
+    FrozenTargetCache,
+    RepaEHyperParameters,
+    decoder_pass,
+    images_to_vae_range,
+    perturbed_latents,
+    train_step,
+)
 
 
-def _trained(vae_freeze_step, global_step):
+def _trained(vae_freeze_step, global_step, **hp_kwargs):
     """Fresh identical models after one step at ``global_step`` (GAN off, generator seed 3)."""
     _reset_accelerate()
     accelerator = Accelerator(cpu=True)
     models = _models(accelerator)
     models.vae_loss.disc_start = 10**9
-    hp = RepaEHyperParameters(encoder_depth=1, vae_freeze_step=vae_freeze_step)
+    hp = RepaEHyperParameters(encoder_depth=1, vae_freeze_step=vae_freeze_step, **hp_kwargs)
     before = {name: _params(getattr(models, name)) for name in ("vae", "transformer", "projector", "discriminator")}
     logs = train_step(accelerator, models, hp, _batch(), torch.Generator().manual_seed(3), global_step)
     return models, before, logs
@@ -93,6 +100,59 @@ def test_the_cache_computes_each_image_once_and_keeps_batch_order():
     assert rows.tolist() == [0, 2, 1, 0]  # cached images keep the rows they were first computed at
 
 
+def _split_vae(params):
+    encoder = {k: v for k, v in params.items() if ".encoder." in k or ".quant_conv." in k and "post_" not in k}
+    decoder = {k: v for k, v in params.items() if ".decoder." in k or ".post_quant_conv." in k}
+    assert encoder and decoder and len(encoder) + len(decoder) == len(params)
+    return encoder, decoder
+
+
+def test_decoder_training_after_the_freeze_leaves_the_encoder_and_the_sit_step_alone():
+    sit_only, _, _ = _trained(vae_freeze_step=1, global_step=1)
+    models, before, logs = _trained(vae_freeze_step=1, global_step=1, train_decoder_after_freeze=True)
+    assert {"vae/l1", "grad_norm/vae", "sit/denoising_loss"} <= set(logs)
+    encoder_before, decoder_before = _split_vae(before["vae"])
+    encoder_after, decoder_after = _split_vae(_params(models.vae))
+    assert _same(encoder_before, encoder_after)  # the SiT's latent space does not move
+    assert all(not torch.equal(decoder_before[k], decoder_after[k]) for k in ("vae.decoder.conv_out.weight",))
+    for name in ("transformer", "projector"):  # the decoder pass comes after the SiT's and does not change it
+        assert _same(_params(getattr(sit_only, name)), _params(getattr(models, name)))
+
+
+def test_decoder_pass_minimises_the_reconstruction_of_the_given_latents():
+    _reset_accelerate()
+    accelerator = Accelerator(cpu=True)
+    models = _models(accelerator)
+    models.vae_loss.disc_start = 10**9
+    vae = models.vae.vae
+    images = images_to_vae_range(_batch()["pixel_values"])
+    with torch.no_grad():
+        posterior = vae.encode(images).latent_dist
+        latents = posterior.mean + 0.3
+        expected_l1 = (vae.decode(latents).sample - images).abs().mean()
+        expected_kl = 0.5 * (posterior.mean**2 + posterior.var - 1 - posterior.logvar).sum(dim=(1, 2, 3)).mean()
+    hp = RepaEHyperParameters(encoder_depth=1, train_decoder_after_freeze=True)
+    logs = decoder_pass(accelerator, models, hp, images, latents, posterior.mean, posterior.std, None, 5)
+    torch.testing.assert_close(logs["vae/l1"], expected_l1)
+    torch.testing.assert_close(logs["vae/kl"], expected_kl, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        assert (vae.decode(latents).sample - images).abs().mean() < expected_l1  # one Adam step downhill
+
+
+def test_perturbed_latents_add_noise_up_to_the_given_fraction_of_each_channels_spread():
+    latents = torch.randn(400, 2, 16, 16)
+    spread = torch.tensor([0.5, 4.0])
+    assert perturbed_latents(latents, spread, 0.0, None) is latents
+    kick = (perturbed_latents(latents, spread, 0.3, torch.Generator().manual_seed(0)) - latents) / spread.view(
+        1, 2, 1, 1
+    )
+    per_sample = kick.flatten(1).std(dim=1)  # ~ U(0, 0.3) each, the same fraction for both channels
+    assert per_sample.max() < 0.3 * 1.1 and per_sample.min() < 0.03
+    torch.testing.assert_close(per_sample.mean(), torch.tensor(0.15), atol=0.02, rtol=0)
+    by_channel = kick.transpose(0, 1).flatten(1).std(dim=1)
+    torch.testing.assert_close(by_channel[0], by_channel[1], rtol=0.05, atol=0)
+
+
 def test_steps_before_the_freeze_are_joint():
     models, before, logs = _trained(vae_freeze_step=5, global_step=4)
     assert "vae/proj_loss" in logs and "sit/denoising_loss" in logs
@@ -116,7 +176,7 @@ def test_a_freeze_step_not_after_the_warmup_is_refused(flags, capsys):
     assert "--vae_freeze_step must be >" in capsys.readouterr().err
 
 
-def test_caching_without_a_freeze_step_is_refused(capsys):
+def test_frozen_phase_flags_without_a_freeze_step_are_refused(capsys):
     import sys
 
     from test_train_repae import SCRIPT
@@ -129,6 +189,12 @@ def test_caching_without_a_freeze_step_is_refused(capsys):
     with pytest.raises(SystemExit):
         train_repae.parse_args(["--output_dir", "unused", "--cache_frozen_targets"])
     assert "--cache_frozen_targets needs --vae_freeze_step" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_repae.parse_args(["--output_dir", "unused", "--train_decoder_after_freeze"])
+    assert "--train_decoder_after_freeze needs --vae_freeze_step" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_repae.parse_args(["--output_dir", "unused", "--vae_freeze_step", "5", "--decoder_latent_noise", "0.2"])
+    assert "needs --train_decoder_after_freeze, got 0.2" in capsys.readouterr().err
 
 
 def test_the_model_card_says_when_the_vae_was_frozen():

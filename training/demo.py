@@ -91,6 +91,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "its latents (the paper's second stage, about twice as many steps per second). 0: end-to-end throughout.",
     )
     training.add_argument(
+        "--decoder_latent_noise",
+        type=float,
+        default=0.2,
+        help="After --vae_freeze_step the decoder keeps training (the encoder, and so the SiT's latents, stay frozen) "
+        "on latents plus Gaussian noise of up to this times each channel's std, so that it decodes the SiT's "
+        "imperfect latents well. 0: no noise.",
+    )
+    training.add_argument(
+        "--no_decoder_training",
+        action="store_true",
+        help="Freeze the decoder with the encoder at --vae_freeze_step (the SiT-only steps are then faster).",
+    )
+    training.add_argument(
         "--max_train_minutes",
         type=float,
         default=7.0,
@@ -116,6 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.dataset_name and args.train_data_dir:
         parser.error("give --train_data_dir or --dataset_name, not both.")
+    if args.decoder_latent_noise < 0:
+        parser.error(f"--decoder_latent_noise must be >= 0, got {args.decoder_latent_noise}.")
     if args.num_eval_samples < 10:
         parser.error(f"--num_eval_samples must be >= 10, got {args.num_eval_samples}.")
     if args.vae_freeze_step and args.vae_freeze_step <= args.vae_warmup_steps:
@@ -156,7 +171,7 @@ def train(args, pipeline_dir: Path, precision: str) -> None:
             "--mixed_precision", precision, "--train_batch_size", str(args.train_batch_size),
             "--max_train_steps", str(args.max_train_steps), "--max_train_minutes", str(args.max_train_minutes),
             "--vae_warmup_steps", str(args.vae_warmup_steps),
-            *(["--vae_freeze_step", str(args.vae_freeze_step)] if args.vae_freeze_step else []),
+            *(frozen_phase_flags(args) if args.vae_freeze_step else []),
             "--learning_rate", str(args.learning_rate), "--vae_learning_rate", str(args.vae_learning_rate),
             "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", str(min(100, args.max_train_steps)),
             "--ema_decay", str(args.ema_decay), "--checkpointing_steps", "500", "--checkpoints_total_limit", "1",
@@ -165,6 +180,15 @@ def train(args, pipeline_dir: Path, precision: str) -> None:
         ]
         + data_flags(args)
     )  # fmt: skip
+
+
+def frozen_phase_flags(args) -> list[str]:
+    """train_repae.py flags of the steps after the freeze: reuse each image's targets, and (unless
+    ``--no_decoder_training``) keep training the decoder on noise-perturbed latents."""
+    flags = ["--vae_freeze_step", str(args.vae_freeze_step), "--cache_frozen_targets"]
+    if not args.no_decoder_training:
+        flags += ["--train_decoder_after_freeze", "--decoder_latent_noise", str(args.decoder_latent_noise)]
+    return flags
 
 
 def named_scores(scores: dict) -> dict:
@@ -245,6 +269,11 @@ def main(argv: list[str] | None = None) -> dict:
             f"      end-to-end for {args.vae_freeze_step} steps, then the VAE is frozen and the SiT trains on for "
             f"{args.max_train_steps - args.vae_freeze_step} steps (--vae_freeze_step)"
         )
+        if not args.no_decoder_training:
+            print(
+                "      in those steps the decoder alone keeps training, on latents plus noise of up to "
+                f"{args.decoder_latent_noise} x their spread (--decoder_latent_noise)"
+            )
     print("      NOTE: no LPIPS term (VGG16 weights are not available offline) and no GAN term in this short run;")
     if args.vae_warmup_steps:
         print(f"      the first {args.vae_warmup_steps} steps train only the VAE (it starts from random weights).")

@@ -124,6 +124,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "once and reuse them in later epochs (kept in memory, up to 50,000 images): SiT-only steps then run the SiT "
         "alone. For small datasets seen for many epochs; a streamed dataset rarely repeats an image.",
     )
+    parser.add_argument(
+        "--train_decoder_after_freeze",
+        action="store_true",
+        help="After --vae_freeze_step keep training the VAE's decoder (with the VAE's loss and optimiser) while the "
+        "encoder stays frozen, so the SiT's latent space does not move: the decoder improves for the cost of its "
+        "own pass. Not in the original.",
+    )
+    parser.add_argument(
+        "--decoder_latent_noise",
+        type=float,
+        default=0.0,
+        help="With --train_decoder_after_freeze: the decoder sees latents plus Gaussian noise of up to this times "
+        "each channel's std (uniform per sample), so that it also decodes the SiT's imperfect latents well. 0: none.",
+    )
     add_vae_loss_args(parser)
     add_sit_training_args(parser, tracker_project_name="train_repae")
     add_data_args(parser)
@@ -137,6 +151,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             f"--vae_freeze_step must be > --vae_warmup_steps ({args.vae_warmup_steps}), got {args.vae_freeze_step}: "
             "the SiT needs some end-to-end steps before the VAE is frozen."
+        )
+    if args.train_decoder_after_freeze and args.vae_freeze_step is None:
+        parser.error("--train_decoder_after_freeze needs --vae_freeze_step (before it the whole VAE trains anyway).")
+    if args.decoder_latent_noise < 0 or (args.decoder_latent_noise and not args.train_decoder_after_freeze):
+        parser.error(
+            "--decoder_latent_noise must be >= 0 and needs --train_decoder_after_freeze, got "
+            f"{args.decoder_latent_noise}."
         )
     if args.cache_frozen_targets and args.vae_freeze_step is None:
         parser.error("--cache_frozen_targets needs --vae_freeze_step (the targets change while the VAE trains).")
@@ -200,6 +221,15 @@ def model_card(args, data, num_params: dict[str, int], global_step: int, global_
             f"{global_step - args.vae_freeze_step} steps.",
             "",
         ]
+        if getattr(args, "train_decoder_after_freeze", False):
+            noise = getattr(args, "decoder_latent_noise", 0.0)
+            lines += [
+                "In those steps the VAE's decoder kept training on the frozen encoder's latents "
+                "(`--train_decoder_after_freeze`)"
+                + (f", perturbed by Gaussian noise of up to {noise} x each channel's std." if noise else ".")
+                + " The latent space the SiT models did not move.",
+                "",
+            ]
     if data.attribution:
         lines += ["## Training data licence", "", data.attribution, ""]
     return "\n".join(lines)
@@ -318,6 +348,8 @@ def main(argv: list[str] | None = None) -> Path:
         max_grad_norm=args.max_grad_norm,
         vae_warmup_steps=args.vae_warmup_steps,
         vae_freeze_step=args.vae_freeze_step,
+        train_decoder_after_freeze=args.train_decoder_after_freeze,
+        decoder_latent_noise=args.decoder_latent_noise,
     )
 
     global_step, resume = resume_and_start_trackers(args, accelerator)

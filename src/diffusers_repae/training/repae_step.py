@@ -62,6 +62,10 @@ class RepaEHyperParameters:
     # From this step on the VAE is frozen and only the SiT trains on its latents (the paper's second stage, an LDM
     # on the end-to-end-tuned VAE, continued in the same run); None: end-to-end to the last step, as the original.
     vae_freeze_step: int | None = None
+    # After the freeze, keep training the decoder alone (the encoder, and so the SiT's latent space, stay frozen) on
+    # latents perturbed by Gaussian noise of up to decoder_latent_noise x each channel's spread.
+    train_decoder_after_freeze: bool = False
+    decoder_latent_noise: float = 0.0
 
 
 @dataclass
@@ -328,7 +332,9 @@ def vae_warmup_pass(
 
 
 @torch.no_grad()
-def frozen_vae_posterior(accelerator: Accelerator, models: RepaEModels, images: torch.Tensor) -> DiagonalGaussianDistribution:
+def frozen_vae_posterior(
+    accelerator: Accelerator, models: RepaEModels, images: torch.Tensor
+) -> DiagonalGaussianDistribution:
     """The frozen VAE's posterior of ``images`` (encoder only: no decoder pass, no gradient)."""
     vae = accelerator.unwrap_model(models.vae).vae
     vae.eval()
@@ -389,14 +395,70 @@ def sit_only_pass(
     pixel_values: torch.Tensor,
     labels: torch.Tensor,
     generator: torch.Generator | None,
+    global_step: int,
 ) -> dict[str, torch.Tensor]:
     """The step after ``hp.vae_freeze_step``: the SiT pass of a REPA-E step (denoising + alignment, latent BN in
-    training mode) on latents of the frozen VAE, drawing its randomness in the same order as the joint step."""
+    training mode) on latents of the frozen VAE, drawing its randomness in the same order as the joint step; with
+    ``hp.train_decoder_after_freeze`` the decoder then trains on the same latents (`decoder_pass`)."""
     zs, mean, std = frozen_vae_targets(accelerator, models, images, pixel_values)
     # the posterior sample exactly as DiagonalGaussianDistribution.sample draws it (same generator stream)
     latents = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     noise = draw_step_noise(latents, hp, generator)
-    return sit_pass(accelerator, models, hp, latents, labels, zs, noise)
+    logs = sit_pass(accelerator, models, hp, latents, labels, zs, noise)
+    if hp.train_decoder_after_freeze:
+        logs.update(decoder_pass(accelerator, models, hp, images, latents, mean, std, generator, global_step))
+    return logs
+
+
+def perturbed_latents(
+    latents: torch.Tensor, spread: torch.Tensor, max_noise: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """``latents + u * spread * n``: per sample ``u ~ U(0, max_noise)``, Gaussian ``n``; ``spread`` is each channel's
+    std. A decoder trained on these also decodes the small errors of a diffusion model's latents well."""
+    if max_noise == 0:
+        return latents
+    device = generator.device if generator is not None else None
+    scale = max_noise * torch.rand(latents.shape[0], 1, 1, 1, generator=generator, device=device)
+    kick = torch.randn(latents.shape, generator=generator, device=device)
+    return latents + (scale * kick).to(latents.device, latents.dtype) * spread.view(1, -1, 1, 1).to(latents.dtype)
+
+
+def decoder_pass(
+    accelerator: Accelerator,
+    models: RepaEModels,
+    hp: RepaEHyperParameters,
+    images: torch.Tensor,
+    latents: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    generator: torch.Generator | None,
+    global_step: int,
+) -> dict[str, torch.Tensor]:
+    """After the freeze: the decoder alone learns on (perturbed, see `perturbed_latents`) samples of the frozen
+    encoder's posterior, with the VAE's loss (its KL term is constant here) and optimiser, then the discriminator
+    once active. The encoder gets no gradient, so the SiT's latent space stays fixed."""
+    vae = accelerator.unwrap_model(models.vae).vae
+    decoder = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    spread = models.latent_norm.running_var.sqrt()
+    decoder_input = perturbed_latents(latents, spread, hp.decoder_latent_noise, generator)
+    discriminator = accelerator.unwrap_model(models.discriminator)
+    discriminator.requires_grad_(False)
+    with accelerator.autocast():
+        reconstruction = vae.decode(decoder_input).sample
+    last_layer = vae.decoder.conv_out.weight if models.vae_loss.adaptive_disc_weight else None
+    terms = models.vae_loss(images, reconstruction, mean, 2 * std.log(), discriminator, global_step, last_layer)
+    accelerator.backward(terms["loss"])
+    logs = {f"vae/{k}": v.detach() for k, v in terms.items()}
+    if accelerator.sync_gradients:
+        # the decoder ran outside the DDP wrapper (the encoder has no gradient this phase): average by hand
+        if accelerator.num_processes > 1:
+            for param in decoder:
+                param.grad = accelerator.reduce(param.grad, reduction="mean")
+        logs["grad_norm/vae"] = _grad_norm(accelerator.clip_grad_norm_(decoder, hp.max_grad_norm))
+    models.optimizer_vae.step()
+    models.optimizer_vae.zero_grad(set_to_none=True)
+    logs.update(discriminator_pass(accelerator, models, hp, images, reconstruction.detach(), global_step))
+    return logs
 
 
 def train_step(
@@ -421,7 +483,7 @@ def train_step(
             )
             logs.update(discriminator_pass(accelerator, models, hp, images, reconstruction, global_step))
         elif hp.vae_freeze_step is not None and global_step >= hp.vae_freeze_step:
-            logs = sit_only_pass(accelerator, models, hp, images, pixel_values, labels, generator)
+            logs = sit_only_pass(accelerator, models, hp, images, pixel_values, labels, generator, global_step)
         else:
             zs = encoder_features(models.encoders, pixel_values)
             logs, latents, reconstruction, noise = vae_alignment_pass(
