@@ -296,24 +296,38 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_processes(tiny_setup, tmp_path):
+def _launch_two_processes(argv):
     """``accelerate launch --multi_gpu`` with 2 CPU processes (gloo): ACCELERATE_USE_CPU makes accelerate use them."""
-    out = tmp_path / "ddp"
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()),
-        str(SCRIPT), *_argv(tiny_setup, out, 2),
+        "--main_process_port", str(_free_port()), str(SCRIPT), *argv,
     ]  # fmt: skip
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_two_processes(tiny_setup, tmp_path):
+    out = tmp_path / "ddp"
+    _launch_two_processes(_argv(tiny_setup, out, 2))
     assert (out / "model_index.json").is_file() and (out / "checkpoint-2").is_dir()
     state = load_file(out / "checkpoint-2" / "project_state.safetensors")
     rng = state["generators.states"]
     assert rng.shape[0] == 2 and not torch.equal(rng[0], rng[1])  # per-process noise streams
     # per-process batch 2: each process saw its own shard, and the synchronised BN counted one batch per step
     assert state["latent_norm.num_batches_tracked"].item() == 2
+
+
+def test_two_processes_train_the_decoder_after_the_freeze(tiny_setup, tmp_path):
+    # the decoder pass runs outside DDP and averages its gradients by hand: it must neither hang nor touch the encoder
+    out = tmp_path / "ddp_frozen"
+    frozen = ["--vae_freeze_step", "1", "--train_decoder_after_freeze", "--decoder_latent_noise", "0.2"]
+    _launch_two_processes(_argv(tiny_setup, out, 3, *frozen, "--cache_frozen_targets"))
+    at_2, at_3 = (load_file(out / f"checkpoint-{step}" / "model.safetensors") for step in (2, 3))  # the VAE
+    changed = {k for k in at_3 if not torch.equal(at_2[k], at_3[k])}
+    assert changed and all(k.startswith(("vae.decoder.", "vae.post_quant_conv.")) for k in changed)
+    assert "vae.decoder.conv_out.weight" in changed
 
 
 class _ExplodingState:
