@@ -4,7 +4,9 @@
 Renders the embedded OpenMoji emoji at 32 px (or reads your images: ``--train_data_dir`` / ``--dataset_name``),
 trains the `emoji-cpu` recipe with `training/train_repae.py`: end-to-end REPA-E first (VAE, SiT and alignment to
 the bundled EfficientNet-Lite0 together), then the SiT alone on the frozen end-to-end VAE (``--vae_freeze_step``, the
-paper's second stage in the same run). It exports a `RepaEPipeline`, and then reports on itself:
+paper's second stage in the same run), while the VAE's decoder keeps learning to decode the frozen encoder's latents
+with noise added (``--decoder_latent_noise``), so that it also decodes the SiT's imperfect latents well. It exports
+a `RepaEPipeline`, and then reports on itself:
 
     demo/metrics.json          FD-EfficientNetLite0 / precision / recall of class-balanced samples against the
                                training images (the offline extractor; not comparable with FID), and of the VAE's
@@ -17,8 +19,9 @@ paper's second stage in the same run). It exports a `RepaEPipeline`, and then re
 Departures from the paper's recipe, all because this is a 10-minute CPU run (the log and model card say so): no
 LPIPS term (torchvision's VGG16 weights cannot be had offline), no GAN term (``--disc_start`` past the run), the
 VAE starts from random weights (REPA-E starts from a trained VAE), a tiny VAE and SiT at 32 px, batch 16,
-lognormal time sampling, higher learning rates with warm-up, EMA decay 0.995, guidance 3.0, and the VAE frozen
-after 1000 of the 3000 steps.
+lognormal time sampling, higher learning rates with warm-up, EMA decay 0.995, guidance 3.0, bf16 autocast where the
+CPU has bf16 units, the VAE's encoder frozen after 1000 of the 3000 steps and its decoder trained on
+noise-perturbed latents after that.
 """
 
 from __future__ import annotations

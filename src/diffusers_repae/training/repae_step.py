@@ -448,13 +448,14 @@ def decoder_pass(
     last_layer = vae.decoder.conv_out.weight if models.vae_loss.adaptive_disc_weight else None
     terms = models.vae_loss(images, reconstruction, mean, 2 * std.log(), discriminator, global_step, last_layer)
     accelerator.backward(terms["loss"])
-    logs = {f"vae/{k}": v.detach() for k, v in terms.items()}
+    # logged apart from the joint steps' vae/* terms: the loss here has no alignment term (and a constant KL)
+    logs = {f"decoder/{k}": v.detach() for k, v in terms.items() if k != "kl"}
     if accelerator.sync_gradients:
         # the decoder ran outside the DDP wrapper (the encoder has no gradient this phase): average by hand
         if accelerator.num_processes > 1:
             for param in decoder:
                 param.grad = accelerator.reduce(param.grad, reduction="mean")
-        logs["grad_norm/vae"] = _grad_norm(accelerator.clip_grad_norm_(decoder, hp.max_grad_norm))
+        logs["grad_norm/decoder"] = _grad_norm(accelerator.clip_grad_norm_(decoder, hp.max_grad_norm))
     models.optimizer_vae.step()
     models.optimizer_vae.zero_grad(set_to_none=True)
     logs.update(discriminator_pass(accelerator, models, hp, images, reconstruction.detach(), global_step))

@@ -585,7 +585,8 @@ def log_validation(args, accelerator: Accelerator, pipeline, data: TrainingData,
 
 
 def plot_loss_curves(history: LossHistory, path: Path) -> None:
-    """Every logged loss term against the step, one panel per group that was logged (sit/, vae/, the KL, disc/)."""
+    """Every logged loss term against the step, one panel per group that was logged (sit/, vae/, the KL, decoder/
+    (trained alone after the freeze), disc/)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -596,6 +597,7 @@ def plot_loss_curves(history: LossHistory, path: Path) -> None:
         "sit": lambda k: k.startswith("sit/"),
         "vae": lambda k: k.startswith("vae/") and k != "vae/kl",
         "vae/kl": lambda k: k == "vae/kl",
+        "decoder": lambda k: k.startswith("decoder/"),
         "disc": lambda k: k.startswith("disc/"),
     }
     logged = {k for r in history.records for k in r}
