@@ -439,6 +439,11 @@ def decoder_pass(
     once active. The encoder gets no gradient, so the SiT's latent space stays fixed."""
     vae = accelerator.unwrap_model(models.vae).vae
     decoder = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    if global_step == hp.vae_freeze_step:
+        # Adam's moments still hold the joint phase's gradients (alignment included), whose larger second moment
+        # would shrink the decoder's steps for about 1 / (1 - beta2) steps: the decoder phase starts them afresh
+        for param in decoder:
+            models.optimizer_vae.state.pop(param, None)
     spread = models.latent_norm.running_var.sqrt()
     decoder_input = perturbed_latents(latents, spread, hp.decoder_latent_noise, generator)
     discriminator = accelerator.unwrap_model(models.discriminator)
