@@ -140,6 +140,21 @@ def test_decoder_pass_minimises_the_reconstruction_of_the_given_latents():
         assert (vae.decode(latents).sample - images).abs().mean() < expected_l1  # one Adam step downhill
 
 
+def test_the_decoders_adam_moments_restart_at_the_freeze():
+    _reset_accelerate()
+    accelerator = Accelerator(cpu=True)
+    models = _models(accelerator)
+    models.vae_loss.disc_start = 10**9
+    hp = RepaEHyperParameters(encoder_depth=1, vae_freeze_step=2, train_decoder_after_freeze=True)
+    generator = torch.Generator().manual_seed(3)
+    for step in range(3):  # two joint steps, then the first frozen one
+        train_step(accelerator, models, hp, _batch(), generator, step)
+    vae = models.vae.vae
+    steps_taken = {name: int(models.optimizer_vae.state[p]["step"]) for name, p in vae.named_parameters()}
+    assert {steps_taken[k] for k in steps_taken if k.startswith(("decoder.", "post_quant_conv."))} == {1}
+    assert {steps_taken[k] for k in steps_taken if k.startswith(("encoder.", "quant_conv."))} == {2}
+
+
 def test_perturbed_latents_add_noise_up_to_the_given_fraction_of_each_channels_spread():
     latents = torch.randn(400, 2, 16, 16)
     spread = torch.tensor([0.5, 4.0])

@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     training.add_argument(
         "--decoder_latent_noise",
         type=float,
-        default=0.2,
+        default=0.3,
         help="After --vae_freeze_step the decoder keeps training (the encoder, and so the SiT's latents, stay frozen) "
         "on latents plus Gaussian noise of up to this times each channel's std, so that it decodes the SiT's "
         "imperfect latents well. 0: no noise.",
@@ -121,7 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     training.add_argument(
         "--mixed_precision",
         choices=["auto", "no", "bf16"],
-        default="no",
+        default="auto",
         help="'auto': bf16 autocast when the CPU has bf16 units (avx512_bf16 / amx_bf16), fp32 otherwise.",
     )
     sampling = parser.add_argument_group("sampling and scoring")
