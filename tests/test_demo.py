@@ -95,6 +95,26 @@ def test_demo_accepts_no_freeze():
     assert demo.parse_args(["--vae_freeze_step", "0"]).vae_freeze_step == 0
 
 
+def test_demo_passes_its_frozen_phase_to_train_repae():
+    sys.path.insert(0, str(REPO / "training"))
+    import train_repae
+
+    flags = demo.frozen_phase_flags(demo.parse_args(["--vae_freeze_step", "400", "--decoder_latent_noise", "0.25"]))
+    parsed = train_repae.parse_args(["--output_dir", "unused", *flags])
+    assert parsed.vae_freeze_step == 400 and parsed.cache_frozen_targets
+    assert parsed.train_decoder_after_freeze and parsed.decoder_latent_noise == 0.25
+    plain = train_repae.parse_args(
+        ["--output_dir", "unused", *demo.frozen_phase_flags(demo.parse_args(["--no_decoder_training"]))]
+    )
+    assert not plain.train_decoder_after_freeze and plain.decoder_latent_noise == 0
+
+
+def test_demo_refuses_negative_decoder_noise(capsys):
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--decoder_latent_noise", "-0.1"])
+    assert "--decoder_latent_noise must be >= 0, got -0.1" in capsys.readouterr().err
+
+
 def test_reconstructions_decode_the_posterior_mean():
     import torch
     from diffusers import AutoencoderKL
