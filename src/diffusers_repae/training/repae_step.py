@@ -164,16 +164,29 @@ def vae_generator_loss(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """VAE forward (autocast) and its generator loss terms: what train_repae.py and train_vae.py share.
 
-    The discriminator scores the reconstruction unwrapped and frozen (the generator loss must not train it); it
-    stays in train mode, as in the original. Returns the loss terms, the sampled latents and the reconstruction.
+    Returns the loss terms (`generator_loss_terms`), the sampled latents and the reconstruction.
     """
-    discriminator = accelerator.unwrap_model(models.discriminator)
-    discriminator.requires_grad_(False)
     with accelerator.autocast():
         mean, logvar, z, reconstruction = models.vae(images, generator=generator)
-    last_layer = decoder_last_layer(accelerator, models.vae) if models.vae_loss.adaptive_disc_weight else None
-    terms = models.vae_loss(images, reconstruction, mean, logvar, discriminator, global_step, last_layer)
+    terms = generator_loss_terms(accelerator, models, images, reconstruction, mean, logvar, global_step)
     return terms, z, reconstruction
+
+
+def generator_loss_terms(
+    accelerator: Accelerator,
+    models: RepaEModels,
+    images: torch.Tensor,
+    reconstruction: torch.Tensor,
+    mean: torch.Tensor,
+    logvar: torch.Tensor,
+    global_step: int,
+) -> dict[str, torch.Tensor]:
+    """``models.vae_loss`` of a reconstruction. The discriminator scores it unwrapped and frozen (the generator loss
+    must not train it); it stays in train mode, as in the original."""
+    discriminator = accelerator.unwrap_model(models.discriminator)
+    discriminator.requires_grad_(False)
+    last_layer = decoder_last_layer(accelerator, models.vae) if models.vae_loss.adaptive_disc_weight else None
+    return models.vae_loss(images, reconstruction, mean, logvar, discriminator, global_step, last_layer)
 
 
 def vae_alignment_pass(
@@ -446,12 +459,9 @@ def decoder_pass(
             models.optimizer_vae.state.pop(param, None)
     spread = models.latent_norm.running_var.sqrt()
     decoder_input = perturbed_latents(latents, spread, hp.decoder_latent_noise, generator)
-    discriminator = accelerator.unwrap_model(models.discriminator)
-    discriminator.requires_grad_(False)
     with accelerator.autocast():
         reconstruction = vae.decode(decoder_input).sample
-    last_layer = vae.decoder.conv_out.weight if models.vae_loss.adaptive_disc_weight else None
-    terms = models.vae_loss(images, reconstruction, mean, 2 * std.log(), discriminator, global_step, last_layer)
+    terms = generator_loss_terms(accelerator, models, images, reconstruction, mean, 2 * std.log(), global_step)
     accelerator.backward(terms["loss"])
     # logged apart from the joint steps' vae/* terms: the loss here has no alignment term (and a constant KL)
     logs = {f"decoder/{k}": v.detach() for k, v in terms.items() if k != "kl"}
