@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "training"))
 
 import demo  # noqa: E402
+from test_train_repae import _reset_accelerate  # noqa: E402
 
 
 def _image_folder(root: Path) -> Path:
@@ -42,6 +43,7 @@ def demo_run(tmp_path_factory):
         "--vae_warmup_steps", "1", "--vae_freeze_step", "2", "--train_batch_size", "4", "--num_eval_samples", "10",
         "--num_inference_steps", "2",
     ]  # fmt: skip
+    _reset_accelerate()  # a test module run before this one may have left accelerate's global state set up
     metrics = demo.main(argv)
     return out, metrics, argv
 
@@ -99,14 +101,29 @@ def test_demo_passes_its_frozen_phase_to_train_repae():
     sys.path.insert(0, str(REPO / "training"))
     import train_repae
 
-    flags = demo.frozen_phase_flags(demo.parse_args(["--vae_freeze_step", "400", "--decoder_latent_noise", "0.25"]))
-    parsed = train_repae.parse_args(["--output_dir", "unused", *flags])
+    demo_flags = ["--vae_freeze_step", "400", "--decoder_latent_noise", "0.25", "--decoder_only_step", "600"]
+    parsed = train_repae.parse_args(["--output_dir", "unused", *demo.frozen_phase_flags(demo.parse_args(demo_flags))])
     assert parsed.vae_freeze_step == 400 and parsed.cache_frozen_targets
     assert parsed.train_decoder_after_freeze and parsed.decoder_latent_noise == 0.25
+    assert parsed.decoder_only_step == 600
     plain = train_repae.parse_args(
         ["--output_dir", "unused", *demo.frozen_phase_flags(demo.parse_args(["--no_decoder_training"]))]
     )
     assert not plain.train_decoder_after_freeze and plain.decoder_latent_noise == 0
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--vae_freeze_step", "400", "--decoder_only_step", "400"],
+        ["--vae_freeze_step", "0", "--decoder_only_step", "400"],
+        ["--vae_freeze_step", "400", "--decoder_only_step", "600", "--no_decoder_training"],
+    ],
+)
+def test_demo_refuses_a_decoder_only_step_without_a_decoder_phase_before_it(flags, capsys):
+    with pytest.raises(SystemExit):
+        demo.parse_args(flags)
+    assert f"--decoder_only_step must be 0 or > --vae_freeze_step ({flags[1]})" in capsys.readouterr().err
 
 
 def test_demo_refuses_negative_decoder_noise(capsys):

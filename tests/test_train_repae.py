@@ -330,6 +330,26 @@ def test_two_processes_train_the_decoder_after_the_freeze(tiny_setup, tmp_path):
     assert "vae.decoder.conv_out.weight" in changed
 
 
+def test_decoder_only_steps_change_only_the_decoder(tiny_setup, tmp_path):
+    # steps 2 and 3 (between checkpoints 2 and 4) are decoder-only: the SiT, projector, their EMA and the BN stay
+    out = tmp_path / "decoder_only"
+    frozen = ["--vae_freeze_step", "1", "--train_decoder_after_freeze", "--decoder_only_step", "2"]
+    _run(_argv(tiny_setup, out, 4, *frozen, "--cache_frozen_targets"))
+    at_2, at_4 = _tensors(out / "checkpoint-2"), _tensors(out / "checkpoint-4")
+    changed = {k for k in at_2 if not torch.equal(at_2[k], at_4[k])}
+    vae = {k for k in changed if k.startswith("model.safetensors:")}
+    assert vae and all(
+        k.startswith(("model.safetensors:vae.decoder.", "model.safetensors:vae.post_quant_conv.")) for k in vae
+    )
+    assert not {k for k in changed if k.startswith(("model_1.", "model_2."))}  # the transformer and the projector
+    assert {k for k in changed if k.startswith("model_3.")}  # the discriminator trains on, after the decoder
+    assert not {
+        k for k in changed if k.startswith("project_state.safetensors:") and ("ema." in k or "latent_norm." in k)
+    }
+    card = (out / "README.md").read_text()
+    assert "for 1 more steps" in card and "The last 2 steps trained the decoder alone" in card
+
+
 class _ExplodingState:
     """A registered object whose state cannot be saved: a crash in the middle of ``save_state``."""
 

@@ -5,10 +5,12 @@ import torch
 from accelerate import Accelerator
 from test_train_repae import _batch, _models, _params, _reset_accelerate, _same
 
+from diffusers_repae.training.ema import ModelEMA
 from diffusers_repae.training.repae_step import (
     FrozenTargetCache,
     RepaEHyperParameters,
     decoder_pass,
+    ema_target,
     images_to_vae_range,
     perturbed_latents,
     train_step,
@@ -155,6 +157,59 @@ def test_the_decoders_adam_moments_restart_at_the_freeze():
     assert {steps_taken[k] for k in steps_taken if k.startswith(("encoder.", "quant_conv."))} == {2}
 
 
+def test_decoder_only_steps_make_the_decoder_half_of_a_frozen_step_and_nothing_else():
+    # Without latent noise the decoder's update depends only on the posterior sample, which both steps draw first
+    # from the same generator: the decoder must end the same, while the SiT, its EMA and the BN stay untouched.
+    frozen, _, _ = _trained(vae_freeze_step=1, global_step=2, train_decoder_after_freeze=True)
+    models, before, logs = _trained(
+        vae_freeze_step=1, global_step=2, train_decoder_after_freeze=True, decoder_only_step=2
+    )
+    assert logs and all(key.startswith(("decoder/", "grad_norm/decoder", "disc/")) for key in logs)
+    encoder_before, _ = _split_vae(before["vae"])
+    encoder_after, decoder_after = _split_vae(_params(models.vae))
+    assert _same(encoder_before, encoder_after)
+    _, decoder_frozen_step = _split_vae(_params(frozen.vae))
+    for key in decoder_after:
+        torch.testing.assert_close(decoder_after[key], decoder_frozen_step[key], rtol=1e-5, atol=1e-6)
+    for name in ("transformer", "projector", "discriminator"):
+        assert _same(before[name], _params(getattr(models, name)))
+    assert models.latent_norm.num_batches_tracked.item() == 0  # the SiT pass (which updates the BN) did not run
+
+
+def test_decoder_only_steps_stop_the_sits_ema():
+    _reset_accelerate()
+    accelerator = Accelerator(cpu=True)
+    models = _models(accelerator)
+    models.vae_loss.disc_start = 10**9
+    models.ema = ModelEMA(ema_target(accelerator, models), decay=0.5)
+    hp = RepaEHyperParameters(encoder_depth=1, vae_freeze_step=1, train_decoder_after_freeze=True, decoder_only_step=2)
+    generator = torch.Generator().manual_seed(3)
+    snapshots = [{k: v.clone() for k, v in models.ema.model.state_dict().items()}]
+    for step in (1, 2):  # SiT + decoder, then decoder only
+        train_step(accelerator, models, hp, _batch(), generator, step)
+        snapshots.append({k: v.clone() for k, v in models.ema.model.state_dict().items()})
+    assert not _same(snapshots[0], snapshots[1])
+    assert _same(snapshots[1], snapshots[2])
+
+
+def test_decoder_only_steps_read_the_posterior_from_the_cache():
+    _reset_accelerate()
+    accelerator = Accelerator(cpu=True)
+    models = _models(accelerator)
+    models.vae_loss.disc_start = 10**9
+    models.frozen_cache = FrozenTargetCache()
+    hp = RepaEHyperParameters(encoder_depth=1, vae_freeze_step=1, train_decoder_after_freeze=True, decoder_only_step=2)
+    batch = _batch()
+    train_step(accelerator, models, hp, batch, torch.Generator().manual_seed(3), 2)
+    assert len(models.frozen_cache) == len({image.numpy().tobytes() for image in batch["pixel_values"]})
+    mean, std, *tokens = next(iter(models.frozen_cache.entries.values()))
+    with torch.no_grad():
+        posterior = models.vae.vae.encode(images_to_vae_range(batch["pixel_values"][:1])).latent_dist
+    # the encoder is frozen, so the cached posterior is still the encoder's
+    torch.testing.assert_close(mean, posterior.mean[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(std, posterior.std[0], rtol=1e-5, atol=1e-6)
+
+
 def test_perturbed_latents_add_noise_up_to_the_given_fraction_of_each_channels_spread():
     latents = torch.randn(400, 2, 16, 16)
     spread = torch.tensor([0.5, 4.0])
@@ -211,6 +266,14 @@ def test_frozen_phase_flags_without_a_freeze_step_are_refused(capsys):
     with pytest.raises(SystemExit):
         train_repae.parse_args(["--output_dir", "unused", "--vae_freeze_step", "5", "--decoder_latent_noise", "0.2"])
     assert "needs --train_decoder_after_freeze, got 0.2" in capsys.readouterr().err
+    decoder = ["--vae_freeze_step", "5", "--train_decoder_after_freeze"]
+    for flags in (["--vae_freeze_step", "5", "--decoder_only_step", "8"], [*decoder, "--decoder_only_step", "5"]):
+        with pytest.raises(SystemExit):
+            train_repae.parse_args(["--output_dir", "unused", *flags])
+        assert "--decoder_only_step must be > --vae_freeze_step (5)" in capsys.readouterr().err
+    assert (
+        train_repae.parse_args(["--output_dir", "unused", *decoder, "--decoder_only_step", "6"]).decoder_only_step == 6
+    )
 
 
 def test_the_model_card_says_when_the_vae_was_frozen():
@@ -230,6 +293,9 @@ def test_the_model_card_says_when_the_vae_was_frozen():
     )  # fmt: skip
     data = SimpleNamespace(source="folder", num_classes=2, attribution=None)
     card = train_repae.model_card(args, data, {"sit": 1}, global_step=1000, global_batch=16)
-    assert "first 300 steps only" in card and "remaining 700 steps" in card
+    assert "first 300 steps only" in card and "for 700 more steps" in card and "decoder alone" not in card
+    args.train_decoder_after_freeze, args.decoder_only_step = True, 800
+    card = train_repae.model_card(args, data, {"sit": 1}, global_step=1000, global_batch=16)
+    assert "for 500 more steps" in card and "The last 200 steps trained the decoder alone" in card
     args.vae_freeze_step = None
     assert "frozen" not in train_repae.model_card(args, data, {"sit": 1}, global_step=1000, global_batch=16)

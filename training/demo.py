@@ -102,6 +102,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "imperfect latents well. 0: no noise.",
     )
     training.add_argument(
+        "--decoder_only_step",
+        type=int,
+        default=0,
+        help="From this step on (after --vae_freeze_step) only the decoder trains: the SiT and its EMA stay as they "
+        "are and each step costs the decoder's pass alone. 0: the SiT trains to the last step.",
+    )
+    training.add_argument(
         "--no_decoder_training",
         action="store_true",
         help="Freeze the decoder with the encoder at --vae_freeze_step (the SiT-only steps are then faster).",
@@ -134,6 +141,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("give --train_data_dir or --dataset_name, not both.")
     if args.decoder_latent_noise < 0:
         parser.error(f"--decoder_latent_noise must be >= 0, got {args.decoder_latent_noise}.")
+    if args.decoder_only_step and (
+        args.no_decoder_training or not args.vae_freeze_step or args.decoder_only_step <= args.vae_freeze_step
+    ):
+        parser.error(
+            f"--decoder_only_step must be 0 or > --vae_freeze_step ({args.vae_freeze_step}), and needs the decoder "
+            f"training (no --no_decoder_training), got {args.decoder_only_step}."
+        )
     if args.num_eval_samples < 10:
         parser.error(f"--num_eval_samples must be >= 10, got {args.num_eval_samples}.")
     if args.vae_freeze_step and args.vae_freeze_step <= args.vae_warmup_steps:
@@ -191,6 +205,8 @@ def frozen_phase_flags(args) -> list[str]:
     flags = ["--vae_freeze_step", str(args.vae_freeze_step), "--cache_frozen_targets"]
     if not args.no_decoder_training:
         flags += ["--train_decoder_after_freeze", "--decoder_latent_noise", str(args.decoder_latent_noise)]
+        if args.decoder_only_step:
+            flags += ["--decoder_only_step", str(args.decoder_only_step)]
     return flags
 
 

@@ -138,6 +138,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="With --train_decoder_after_freeze: the decoder sees latents plus Gaussian noise of up to this times "
         "each channel's std (uniform per sample), so that it also decodes the SiT's imperfect latents well. 0: none.",
     )
+    parser.add_argument(
+        "--decoder_only_step",
+        type=int,
+        default=None,
+        help="With --train_decoder_after_freeze: from this step on only the decoder trains (the SiT, projector and "
+        "their EMA stay as they are), at the cost of the decoder's pass alone: for when the SiT has plateaued on "
+        "the frozen latents and the decoder has not. Default: the SiT trains to the last step.",
+    )
     add_vae_loss_args(parser)
     add_sit_training_args(parser, tracker_project_name="train_repae")
     add_data_args(parser)
@@ -158,6 +166,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             "--decoder_latent_noise must be >= 0 and needs --train_decoder_after_freeze, got "
             f"{args.decoder_latent_noise}."
+        )
+    if args.decoder_only_step is not None and not (
+        args.train_decoder_after_freeze and args.decoder_only_step > args.vae_freeze_step
+    ):
+        parser.error(
+            f"--decoder_only_step must be > --vae_freeze_step ({args.vae_freeze_step}) and needs "
+            f"--train_decoder_after_freeze, got {args.decoder_only_step}."
         )
     if args.cache_frozen_targets and args.vae_freeze_step is None:
         parser.error("--cache_frozen_targets needs --vae_freeze_step (the targets change while the VAE trains).")
@@ -215,10 +230,12 @@ def model_card(args, data, num_params: dict[str, int], global_step: int, global_
             "",
         ]
     if args.vae_freeze_step is not None and args.vae_freeze_step < global_step:
+        decoder_only_step = getattr(args, "decoder_only_step", None)
+        sit_end = global_step if decoder_only_step is None else min(decoder_only_step, global_step)
         lines += [
             f"**End-to-end for the first {args.vae_freeze_step} steps only** (`--vae_freeze_step`): the VAE was then "
-            "frozen and the SiT trained on its latents (denoising + alignment) for the remaining "
-            f"{global_step - args.vae_freeze_step} steps.",
+            "frozen and the SiT trained on its latents (denoising + alignment) for "
+            f"{sit_end - args.vae_freeze_step} more steps.",
             "",
         ]
         if getattr(args, "train_decoder_after_freeze", False):
@@ -228,6 +245,11 @@ def model_card(args, data, num_params: dict[str, int], global_step: int, global_
                 "(`--train_decoder_after_freeze`)"
                 + (f", perturbed by Gaussian noise of up to {noise} x each channel's std." if noise else ".")
                 + " The latent space the SiT models did not move.",
+                "",
+            ]
+        if sit_end < global_step:
+            lines += [
+                f"The last {global_step - sit_end} steps trained the decoder alone (`--decoder_only_step`).",
                 "",
             ]
     if data.attribution:
@@ -350,6 +372,7 @@ def main(argv: list[str] | None = None) -> Path:
         vae_freeze_step=args.vae_freeze_step,
         train_decoder_after_freeze=args.train_decoder_after_freeze,
         decoder_latent_noise=args.decoder_latent_noise,
+        decoder_only_step=args.decoder_only_step,
     )
 
     global_step, resume = resume_and_start_trackers(args, accelerator)

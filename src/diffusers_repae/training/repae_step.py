@@ -66,6 +66,8 @@ class RepaEHyperParameters:
     # latents perturbed by Gaussian noise of up to decoder_latent_noise x each channel's spread.
     train_decoder_after_freeze: bool = False
     decoder_latent_noise: float = 0.0
+    # From this step on (after the freeze) only the decoder trains: the SiT, projector and their EMA stay as they are.
+    decoder_only_step: int | None = None
 
 
 @dataclass
@@ -423,6 +425,26 @@ def sit_only_pass(
     return logs
 
 
+def decoder_only_pass(
+    accelerator: Accelerator,
+    models: RepaEModels,
+    hp: RepaEHyperParameters,
+    images: torch.Tensor,
+    pixel_values: torch.Tensor,
+    generator: torch.Generator | None,
+    global_step: int,
+) -> dict[str, torch.Tensor]:
+    """The step from ``hp.decoder_only_step`` on: the decoder pass of `sit_only_pass` alone, on a posterior sample
+    of the frozen encoder (its tokens are not needed: taken from the cache when there is one, else not computed)."""
+    if models.frozen_cache is not None:
+        _, mean, std = frozen_vae_targets(accelerator, models, images, pixel_values)
+    else:
+        posterior = frozen_vae_posterior(accelerator, models, images)
+        mean, std = posterior.mean, posterior.std
+    latents = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return decoder_pass(accelerator, models, hp, images, latents, mean, std, generator, global_step)
+
+
 def perturbed_latents(
     latents: torch.Tensor, spread: torch.Tensor, max_noise: float, generator: torch.Generator | None
 ) -> torch.Tensor:
@@ -488,8 +510,10 @@ def train_step(
     """One full REPA-E step on a batch ``{"pixel_values": uint8 [B,3,H,W], "labels": [B]}``; returns loss terms.
 
     Before ``hp.vae_warmup_steps`` the step is VAE-only (`vae_warmup_pass`) plus the discriminator once active;
-    from ``hp.vae_freeze_step`` on it is SiT-only on the frozen VAE (`sit_only_pass`).
+    from ``hp.vae_freeze_step`` on it is SiT-only on the frozen VAE (`sit_only_pass`), and from
+    ``hp.decoder_only_step`` on it trains the decoder alone (`decoder_only_pass`; the SiT's EMA stops too).
     """
+    sit_trains = hp.decoder_only_step is None or global_step < hp.decoder_only_step
     pixel_values, labels = batch["pixel_values"], batch["labels"].long()
     images = images_to_vae_range(pixel_values)
     with accelerator.accumulate(models.vae, models.transformer, models.projector, models.discriminator):
@@ -498,6 +522,8 @@ def train_step(
                 accelerator, models, images, generator, global_step, hp.max_grad_norm
             )
             logs.update(discriminator_pass(accelerator, models, hp, images, reconstruction, global_step))
+        elif not sit_trains:
+            logs = decoder_only_pass(accelerator, models, hp, images, pixel_values, generator, global_step)
         elif hp.vae_freeze_step is not None and global_step >= hp.vae_freeze_step:
             logs = sit_only_pass(accelerator, models, hp, images, pixel_values, labels, generator, global_step)
         else:
@@ -507,7 +533,7 @@ def train_step(
             )
             logs.update(discriminator_pass(accelerator, models, hp, images, reconstruction, global_step))
             logs.update(sit_pass(accelerator, models, hp, latents, labels, zs, noise))
-        if accelerator.sync_gradients and models.ema is not None:
+        if accelerator.sync_gradients and models.ema is not None and sit_trains:
             models.ema.step(ema_target(accelerator, models))
     return logs
 
