@@ -1,5 +1,6 @@
 """End-to-end REPA-E training: one step's stop-gradients and losses, resume equivalence, 2 processes, the CLI."""
 
+import json
 import os
 import subprocess
 import sys
@@ -348,6 +349,11 @@ def test_decoder_only_steps_change_only_the_decoder(tiny_setup, tmp_path):
     }
     card = (out / "README.md").read_text()
     assert "for 1 more steps" in card and "The last 2 steps trained the decoder alone" in card
+    # the VAE optimiser anneals linearly over steps 2-3 (2/2 of its rate, then 1/2); the SiT's keeps its own
+    records = json.loads((out / "checkpoint-4" / "project_state.json").read_text())["history"]["records"]
+    lr = {record["step"]: (record["lr/vae"], record["lr/sit"]) for record in records}
+    assert lr[3][0] == pytest.approx(lr[2][0]) and lr[4][0] == pytest.approx(lr[3][0] / 2)
+    assert lr[4][1] == pytest.approx(lr[2][1])
 
 
 class _ExplodingState:

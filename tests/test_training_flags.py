@@ -18,6 +18,7 @@ from PIL import Image
 
 from diffusers_repae import SiTTransformer2DModel
 from diffusers_repae.training.model_card import PIPELINE_TAGS, save_model_card
+from diffusers_repae.training.repae_step import decoder_only_lr_factor
 from diffusers_repae.training.trainer import (
     add_run_args,
     check_run_args,
@@ -62,10 +63,13 @@ def test_defaults_and_bad_values():
         run_args("--lr_scheduler", "no-such-schedule")
 
 
-def lrs_over_steps(args, steps: int, start: int = 0, optimizer=None) -> tuple[list[float], torch.optim.Optimizer]:
+def lrs_over_steps(
+    args, steps: int, start: int = 0, optimizer=None, factor=None
+) -> tuple[list[float], torch.optim.Optimizer]:
     """The learning rate each optimizer step uses, stepping the scheduler once per step as the loop does."""
     optimizer = optimizer or torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
-    scheduler = make_lr_schedulers(args, {"sit": optimizer}, global_step=start)["sit"]
+    factors = {"sit": factor} if factor else None
+    scheduler = make_lr_schedulers(args, {"sit": optimizer}, global_step=start, lr_factors=factors)["sit"]
     used = []
     for _ in range(steps):
         used.append(optimizer.param_groups[0]["lr"])
@@ -95,6 +99,35 @@ def test_resumed_schedule_continues_where_it_stopped():
     restored.load_state_dict(optimizer.state_dict())
     second, _ = lrs_over_steps(args, 3, start=5, optimizer=restored)
     assert first + second == pytest.approx(straight, abs=1e-12)
+
+
+def test_a_learning_rate_factor_multiplies_the_schedule_and_resumes():
+    args = run_args("--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "2", "--max_train_steps", "10")
+    factor = decoder_only_lr_factor(decoder_only_step=6, max_train_steps=10)
+    used, _ = lrs_over_steps(args, 10, factor=factor)
+    expected = [0.5 * min(1.0, s / 2) * (1.0 if s < 6 else (10 - s) / 4) for s in range(10)]
+    assert used == pytest.approx(expected, abs=1e-12)
+    first, optimizer = lrs_over_steps(args, 7, factor=factor)
+    restored = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    restored.load_state_dict(optimizer.state_dict())
+    second, _ = lrs_over_steps(args, 3, start=7, optimizer=restored, factor=factor)
+    assert first + second == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_factor_keeps_a_schedule_that_depends_on_the_base_rate():
+    # polynomial decays towards lr_end=1e-7 in absolute terms: the factor must not change the schedule's shape
+    args = run_args("--lr_scheduler", "polynomial", "--max_train_steps", "6")
+    plain, _ = lrs_over_steps(args, 6)
+    times_one, _ = lrs_over_steps(args, 6, factor=lambda step: 1.0)
+    expected = [(0.5 - 1e-7) * (1 - s / 6) + 1e-7 for s in range(6)]
+    assert plain == pytest.approx(expected, rel=0, abs=1e-12)
+    assert times_one == pytest.approx(expected, rel=0, abs=1e-12)
+
+
+def test_factors_for_unknown_optimisers_are_refused():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    with pytest.raises(ValueError, match=r"unknown optimisers \['vae'\]"):
+        make_lr_schedulers(run_args(), {"sit": optimizer}, lr_factors={"vae": lambda step: 1.0})
 
 
 def test_8bit_adam_is_an_optional_import(monkeypatch):

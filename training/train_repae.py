@@ -36,6 +36,7 @@ from diffusers_repae.training.repae_step import (
     RepaEHyperParameters,
     RepaEModels,
     VAEWithPosterior,
+    decoder_only_lr_factor,
     ema_target,
     train_step,
 )
@@ -143,8 +144,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="With --train_decoder_after_freeze: from this step on only the decoder trains (the SiT, projector and "
-        "their EMA stay as they are), at the cost of the decoder's pass alone: for when the SiT has plateaued on "
-        "the frozen latents and the decoder has not. Default: the SiT trains to the last step.",
+        "their EMA stay as they are), at the cost of the decoder's pass alone, and the VAE optimiser's learning "
+        "rate decays linearly to 0 at --max_train_steps: for when the SiT has plateaued on the frozen latents and "
+        "the decoder has not. Default: the SiT trains to the last step.",
     )
     add_vae_loss_args(parser)
     add_sit_training_args(parser, tracker_project_name="train_repae")
@@ -249,12 +251,20 @@ def model_card(args, data, num_params: dict[str, int], global_step: int, global_
             ]
         if sit_end < global_step:
             lines += [
-                f"The last {global_step - sit_end} steps trained the decoder alone (`--decoder_only_step`).",
+                f"The last {global_step - sit_end} steps trained the decoder alone (`--decoder_only_step`), its "
+                "learning rate decaying linearly to 0.",
                 "",
             ]
     if data.attribution:
         lines += ["## Training data licence", "", data.attribution, ""]
     return "\n".join(lines)
+
+
+def vae_lr_factors(args) -> dict:
+    """With --decoder_only_step the VAE optimiser (only the decoder still trains) anneals to 0 at the last step."""
+    if args.decoder_only_step is None:
+        return {}
+    return {"vae": decoder_only_lr_factor(args.decoder_only_step, args.max_train_steps)}
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -398,7 +408,7 @@ def main(argv: list[str] | None = None) -> Path:
     optimizers = {"sit": optimizer_sit, "vae": optimizer_vae, "disc": optimizer_disc}
     global_step = run_training_loop(
         args, accelerator, data, dataloader, step_fn, optimizers, history, global_step, resume, validate,
-        postfix_keys=("sit/loss", "vae/loss"),
+        postfix_keys=("sit/loss", "vae/loss"), lr_factors=vae_lr_factors(args),
     )  # fmt: skip
 
     accelerator.wait_for_everyone()

@@ -460,26 +460,51 @@ def enable_gradient_checkpointing(args: argparse.Namespace, *models: torch.nn.Mo
 
 
 def make_lr_schedulers(
-    args: argparse.Namespace, optimizers: dict[str, torch.optim.Optimizer], global_step: int = 0
+    args: argparse.Namespace,
+    optimizers: dict[str, torch.optim.Optimizer],
+    global_step: int = 0,
+    lr_factors: dict[str, Callable[[int], float]] | None = None,
 ) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
     """``--lr_scheduler`` / ``--lr_warmup_steps`` on each optimiser (``diffusers.optimization.get_scheduler``),
-    counted in optimizer steps and positioned at ``global_step``.
+    counted in optimizer steps and positioned at ``global_step``; ``lr_factors[name](step)``, where given,
+    multiplies that optimiser's schedule (a phase of the run that anneals one model, say).
 
     The schedules are pure functions of the step, so a resumed run rebuilds them at its step instead of storing
     them: the base rate is the optimiser's ``initial_lr`` (saved with its state), the current one follows.
     """
+    lr_factors = lr_factors or {}
+    unknown = set(lr_factors) - set(optimizers)
+    if unknown:
+        raise ValueError(f"lr_factors for unknown optimisers {sorted(unknown)}; known: {sorted(optimizers)}")
     schedulers = {}
     for name, optimizer in optimizers.items():
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
-        schedulers[name] = get_scheduler(
-            args.lr_scheduler,
-            optimizer,
-            num_warmup_steps=args.lr_warmup_steps,
-            num_training_steps=args.max_train_steps,
-            last_epoch=global_step - 1,
+        if name not in lr_factors:
+            schedulers[name] = get_scheduler(
+                args.lr_scheduler,
+                optimizer,
+                num_warmup_steps=args.lr_warmup_steps,
+                num_training_steps=args.max_train_steps,
+                last_epoch=global_step - 1,
+            )
+            continue
+        schedule = _schedule_multiplier(args, optimizer.param_groups[0]["initial_lr"])
+        factor = lr_factors[name]
+        schedulers[name] = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step, schedule=schedule, factor=factor: schedule(step) * factor(step), global_step - 1
         )
     return schedulers
+
+
+def _schedule_multiplier(args: argparse.Namespace, base_lr: float) -> Callable[[int], float]:
+    """``--lr_scheduler``'s multiplier of ``base_lr`` at a step, read off the scheduler diffusers builds for it
+    (some schedules, such as polynomial, depend on the base rate)."""
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base_lr)
+    scheduler = get_scheduler(
+        args.lr_scheduler, probe, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps
+    )
+    return scheduler.lr_lambdas[0]
 
 
 def make_adamw(args: argparse.Namespace, params, lr: float) -> torch.optim.Optimizer:
@@ -628,16 +653,17 @@ def run_training_loop(
     last_checkpoint: Path | None,
     validate: Callable[[int], None] | None = None,
     postfix_keys: tuple[str, ...] = ("sit/loss",),
+    lr_factors: dict[str, Callable[[int], float]] | None = None,
 ) -> int:
     """Steps until ``--max_train_steps`` (or ``--max_train_minutes``), with exact-resume data order, logging,
     checkpoints and validation; returns the final step.
 
     ``step_fn(batch, global_step)`` runs one (micro-)step and returns its loss terms. A non-finite loss on any
     process stops every process with a message naming the last good checkpoint. Each optimiser's learning rate
-    follows ``--lr_scheduler`` (one scheduler step per optimizer step).
+    follows ``--lr_scheduler`` (one scheduler step per optimizer step), times ``lr_factors[name]`` where given.
     """
     output_dir = Path(args.output_dir)
-    lr_schedulers = make_lr_schedulers(args, optimizers, global_step)
+    lr_schedulers = make_lr_schedulers(args, optimizers, global_step, lr_factors)
     batches_done = global_step * args.gradient_accumulation_steps
     if data.streaming:  # the restored stream state already sits at the right sample
         epoch, skip = 0, 0
