@@ -110,20 +110,38 @@ def test_demo_passes_its_frozen_phase_to_train_repae():
         ["--output_dir", "unused", *demo.frozen_phase_flags(demo.parse_args(["--no_decoder_training"]))]
     )
     assert not plain.train_decoder_after_freeze and plain.decoder_latent_noise == 0
+    assert plain.decoder_only_step is None
 
 
-@pytest.mark.parametrize(
-    "flags",
-    [
-        ["--vae_freeze_step", "400", "--decoder_only_step", "400"],
-        ["--vae_freeze_step", "0", "--decoder_only_step", "400"],
-        ["--vae_freeze_step", "400", "--decoder_only_step", "600", "--no_decoder_training"],
-    ],
-)
-def test_demo_refuses_a_decoder_only_step_without_a_decoder_phase_before_it(flags, capsys):
+@pytest.mark.parametrize("decoder_only_step", ["400", "300"])
+def test_demo_refuses_a_decoder_only_step_not_after_the_freeze(decoder_only_step, capsys):
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--vae_freeze_step", "400", "--decoder_only_step", decoder_only_step])
+    assert "--decoder_only_step must be 0 or > --vae_freeze_step (400)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--vae_freeze_step", "0"], ["--no_decoder_training"]])
+def test_without_a_decoder_phase_the_demo_has_no_decoder_only_phase(flags):
+    assert demo.parse_args(flags).decoder_only_step == 0
+
+
+def test_demo_passes_its_gan_settings_to_train_repae():
+    sys.path.insert(0, str(REPO / "training"))
+    import train_repae
+
+    def parsed(*flags):
+        return train_repae.parse_args(["--output_dir", "unused", *demo.gan_flags(demo.parse_args(list(flags)))])
+
+    gan = parsed("--gan_start", "2500", "--gan_weight", "0.25")
+    assert gan.disc_start == 2500 and gan.adaptive_disc_weight and gan.disc_weight == 0.25 and gan.disc_ndf == 32
+    assert parsed("--gan_start", "0").disc_start > 10**8  # never
+
+
+@pytest.mark.parametrize("flags", [["--gan_start", "-1"], ["--gan_weight", "0"]])
+def test_demo_refuses_bad_gan_settings(flags, capsys):
     with pytest.raises(SystemExit):
         demo.parse_args(flags)
-    assert f"--decoder_only_step must be 0 or > --vae_freeze_step ({flags[1]})" in capsys.readouterr().err
+    assert "--gan_start must be >= 0 (0: no GAN) and --gan_weight > 0" in capsys.readouterr().err
 
 
 def test_demo_refuses_negative_decoder_noise(capsys):

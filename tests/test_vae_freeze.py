@@ -276,6 +276,30 @@ def test_frozen_phase_flags_without_a_freeze_step_are_refused(capsys):
     )
 
 
+def test_the_model_card_says_from_when_the_gan_was_active():
+    import sys
+    from types import SimpleNamespace
+
+    from test_train_repae import SCRIPT
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import train_repae
+    finally:
+        sys.path.pop(0)
+    args = SimpleNamespace(
+        output_dir="out", recipe="emoji-cpu", resolution=32, enc_type="efficientnet-lite0", encoder_depth=2,
+        lpips_weight=0.0, disc_start=600, disc_weight=0.5, adaptive_disc_weight=True, vae_warmup_steps=0,
+        vae_freeze_step=None,
+    )  # fmt: skip
+    data = SimpleNamespace(source="folder", num_classes=2, attribution=None)
+    card = train_repae.model_card(args, data, {"sit": 1}, global_step=1000, global_batch=16)
+    assert "active from step 600 on" in card and "adaptively" in card and "never became active" not in card
+    assert "never became active" in train_repae.model_card(args, data, {"sit": 1}, global_step=600, global_batch=16)
+    args.disc_start = 0  # from the start, as REPA-E: nothing to say
+    assert "GAN" not in train_repae.model_card(args, data, {"sit": 1}, global_step=1000, global_batch=16)
+
+
 def test_the_model_card_says_when_the_vae_was_frozen():
     import sys
     from types import SimpleNamespace

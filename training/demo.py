@@ -78,7 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--resolution", type=int, default=32, help="Image side in pixels (a multiple of 16).")
     training = parser.add_argument_group("training")
     training.add_argument(
-        "--max_train_steps", type=int, default=3000, help="Training steps (end-to-end, then SiT-only; see below)."
+        "--max_train_steps",
+        type=int,
+        default=3900,
+        help="Training steps: end-to-end, then the SiT and the decoder on the frozen encoder, then the decoder alone.",
     )
     training.add_argument(
         "--vae_warmup_steps",
@@ -104,9 +107,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     training.add_argument(
         "--decoder_only_step",
         type=int,
-        default=0,
-        help="From this step on (after --vae_freeze_step) only the decoder trains: the SiT and its EMA stay as they "
-        "are and each step costs the decoder's pass alone. 0: the SiT trains to the last step.",
+        default=2000,
+        help="From this step on (after --vae_freeze_step) only the decoder trains, its learning rate decaying to 0 "
+        "at the last step: the SiT and its EMA stay as they are and each step costs the decoder's pass alone. 0, "
+        "--vae_freeze_step 0 or --no_decoder_training: the SiT trains to the last step.",
+    )
+    training.add_argument(
+        "--gan_start",
+        type=int,
+        default=2000,
+        help="From this step on the VAE's loss has its patch-GAN term (a small discriminator trains alongside), "
+        "weighted adaptively as in taming/LDM; by default that is the decoder-only phase. 0: no GAN term.",
+    )
+    training.add_argument(
+        "--gan_weight",
+        type=float,
+        default=0.5,
+        help="With --gan_start: the GAN term's weight relative to the reconstruction's gradient at the decoder's "
+        "last layer (train_repae.py --adaptive_disc_weight --disc_weight).",
     )
     training.add_argument(
         "--no_decoder_training",
@@ -141,12 +159,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("give --train_data_dir or --dataset_name, not both.")
     if args.decoder_latent_noise < 0:
         parser.error(f"--decoder_latent_noise must be >= 0, got {args.decoder_latent_noise}.")
-    if args.decoder_only_step and (
-        args.no_decoder_training or not args.vae_freeze_step or args.decoder_only_step <= args.vae_freeze_step
-    ):
+    if args.no_decoder_training or not args.vae_freeze_step:
+        args.decoder_only_step = 0  # there is no decoder phase to end with
+    if args.decoder_only_step and args.decoder_only_step <= args.vae_freeze_step:
         parser.error(
-            f"--decoder_only_step must be 0 or > --vae_freeze_step ({args.vae_freeze_step}), and needs the decoder "
-            f"training (no --no_decoder_training), got {args.decoder_only_step}."
+            f"--decoder_only_step must be 0 or > --vae_freeze_step ({args.vae_freeze_step}), got "
+            f"{args.decoder_only_step}."
+        )
+    if args.gan_start < 0 or args.gan_weight <= 0:
+        parser.error(
+            f"--gan_start must be >= 0 (0: no GAN) and --gan_weight > 0, got {args.gan_start} and {args.gan_weight}."
         )
     if args.num_eval_samples < 10:
         parser.error(f"--num_eval_samples must be >= 10, got {args.num_eval_samples}.")
@@ -183,7 +205,7 @@ def train(args, pipeline_dir: Path, precision: str) -> None:
     """The demo recipe through train_repae.py (its step, checkpoints, EMA and export)."""
     train_repae.main(
         [
-            "--recipe", RECIPE, "--enc_type", "efficientnet-lite0", "--no_lpips", "--disc_start", "1000000000",
+            "--recipe", RECIPE, "--enc_type", "efficientnet-lite0", "--no_lpips", *gan_flags(args),
             "--weighting", "lognormal",
             "--mixed_precision", precision, "--train_batch_size", str(args.train_batch_size),
             "--max_train_steps", str(args.max_train_steps), "--max_train_minutes", str(args.max_train_minutes),
@@ -197,6 +219,20 @@ def train(args, pipeline_dir: Path, precision: str) -> None:
         ]
         + data_flags(args)
     )  # fmt: skip
+
+
+def gan_flags(args) -> list[str]:
+    """train_repae.py flags of the GAN term: a small discriminator, adaptive weight, active from --gan_start."""
+    start = args.gan_start or 1_000_000_000  # never
+    return [
+        "--disc_start",
+        str(start),
+        "--disc_ndf",
+        "32",
+        "--adaptive_disc_weight",
+        "--disc_weight",
+        str(args.gan_weight),
+    ]
 
 
 def frozen_phase_flags(args) -> list[str]:
@@ -284,16 +320,25 @@ def main(argv: list[str] | None = None) -> dict:
 
     print("[2/4] end-to-end REPA-E training (VAE + SiT + alignment, train_repae.py) ...", flush=True)
     if args.vae_freeze_step and args.vae_freeze_step < args.max_train_steps:
+        sit_end = min(args.decoder_only_step or args.max_train_steps, args.max_train_steps)
         print(
             f"      end-to-end for {args.vae_freeze_step} steps, then the VAE is frozen and the SiT trains on for "
-            f"{args.max_train_steps - args.vae_freeze_step} steps (--vae_freeze_step)"
+            f"{sit_end - args.vae_freeze_step} steps (--vae_freeze_step)"
         )
         if not args.no_decoder_training:
             print(
-                "      in those steps the decoder alone keeps training, on latents plus noise of up to "
+                "      from then on the decoder keeps training, on latents plus noise of up to "
                 f"{args.decoder_latent_noise} x their spread (--decoder_latent_noise)"
             )
-    print("      NOTE: no LPIPS term (VGG16 weights are not available offline) and no GAN term in this short run;")
+        if sit_end < args.max_train_steps:
+            print(
+                f"      the last {args.max_train_steps - sit_end} steps train the decoder alone, its learning rate "
+                "decaying to 0 (--decoder_only_step)"
+            )
+    if args.gan_start and args.gan_start < args.max_train_steps:
+        print(f"      the VAE's loss has its patch-GAN term from step {args.gan_start} on (--gan_start)")
+    gan = bool(args.gan_start) and args.gan_start < args.max_train_steps
+    print(f"      NOTE: no LPIPS term (VGG16 weights are not available offline){'' if gan else ' and no GAN term'}.")
     if args.vae_warmup_steps:
         print(f"      the first {args.vae_warmup_steps} steps train only the VAE (it starts from random weights).")
     print(f"      precision: {'bf16 autocast' if precision == 'bf16' else 'fp32'}; {torch.get_num_threads()} threads")

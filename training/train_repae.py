@@ -226,6 +226,14 @@ def model_card(args, data, num_params: dict[str, int], global_step: int, global_
             "VAE was tuned without the adversarial loss.",
             "",
         ]
+    elif args.disc_start > 0:
+        adaptive = getattr(args, "adaptive_disc_weight", False)
+        lines += [
+            f"The GAN terms were active from step {args.disc_start} on (`--disc_start`), weighted "
+            + ("adaptively as in taming/LDM" if adaptive else "by a fixed factor")
+            + f" (`--disc_weight {args.disc_weight}`).",
+            "",
+        ]
     if args.vae_warmup_steps:
         lines += [
             f"The first {args.vae_warmup_steps} steps trained only the VAE's reconstruction (`--vae_warmup_steps`).",
