@@ -1,8 +1,11 @@
 """`--vae_freeze_step`: after it, a step leaves the VAE alone and makes exactly the SiT half of a REPA-E step."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from accelerate import Accelerator
+from test_fidelity import _train_repae
 from test_train_repae import _batch, _models, _params, _reset_accelerate, _same
 
 from diffusers_repae.training.ema import ModelEMA
@@ -232,15 +235,7 @@ def test_steps_before_the_freeze_are_joint():
 
 @pytest.mark.parametrize("flags", [["--vae_freeze_step", "0"], ["--vae_warmup_steps", "3", "--vae_freeze_step", "3"]])
 def test_a_freeze_step_not_after_the_warmup_is_refused(flags, capsys):
-    import sys
-
-    from test_train_repae import SCRIPT
-
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import train_repae
-    finally:
-        sys.path.pop(0)
+    train_repae = _train_repae()
     with pytest.raises(SystemExit) as exit_info:
         train_repae.parse_args(["--output_dir", "unused", *flags])
     assert exit_info.value.code == 2
@@ -248,15 +243,7 @@ def test_a_freeze_step_not_after_the_warmup_is_refused(flags, capsys):
 
 
 def test_frozen_phase_flags_without_a_freeze_step_are_refused(capsys):
-    import sys
-
-    from test_train_repae import SCRIPT
-
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import train_repae
-    finally:
-        sys.path.pop(0)
+    train_repae = _train_repae()
     with pytest.raises(SystemExit):
         train_repae.parse_args(["--output_dir", "unused", "--cache_frozen_targets"])
     assert "--cache_frozen_targets needs --vae_freeze_step" in capsys.readouterr().err
@@ -277,16 +264,7 @@ def test_frozen_phase_flags_without_a_freeze_step_are_refused(capsys):
 
 
 def test_the_model_card_says_from_when_the_gan_was_active():
-    import sys
-    from types import SimpleNamespace
-
-    from test_train_repae import SCRIPT
-
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import train_repae
-    finally:
-        sys.path.pop(0)
+    train_repae = _train_repae()
     args = SimpleNamespace(
         output_dir="out", recipe="emoji-cpu", resolution=32, enc_type="efficientnet-lite0", encoder_depth=2,
         lpips_weight=0.0, disc_start=600, disc_weight=0.5, adaptive_disc_weight=True, vae_warmup_steps=0,
@@ -301,16 +279,7 @@ def test_the_model_card_says_from_when_the_gan_was_active():
 
 
 def test_the_model_card_says_when_the_vae_was_frozen():
-    import sys
-    from types import SimpleNamespace
-
-    from test_train_repae import SCRIPT
-
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import train_repae
-    finally:
-        sys.path.pop(0)
+    train_repae = _train_repae()
     args = SimpleNamespace(
         output_dir="out", recipe="emoji-cpu", resolution=32, enc_type="efficientnet-lite0", encoder_depth=2,
         lpips_weight=1.0, disc_start=0, vae_warmup_steps=0, vae_freeze_step=300,

@@ -21,7 +21,7 @@ Departures from the paper's recipe, all because this is a 10-minute CPU run (the
 LPIPS term (torchvision's VGG16 weights cannot be had offline), the GAN term only in the decoder-only phase, the
 VAE starts from random weights (REPA-E starts from a trained VAE), a tiny VAE and SiT at 32 px, batch 16,
 lognormal time sampling, higher learning rates with warm-up, EMA decay 0.995, guidance 3.0, bf16 autocast where the
-CPU has bf16 units, the VAE's encoder frozen after 1000 of the 3900 steps, the SiT after 2000, and the decoder
+CPU has bf16 units, the VAE's encoder frozen after 1000 of the 3200 steps, the SiT after 2000, and the decoder
 trained on noise-perturbed latents after the encoder's freeze.
 """
 

@@ -480,21 +480,16 @@ def make_lr_schedulers(
     for name, optimizer in optimizers.items():
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
-        if name not in lr_factors:
-            schedulers[name] = get_scheduler(
-                args.lr_scheduler,
-                optimizer,
-                num_warmup_steps=args.lr_warmup_steps,
-                num_training_steps=args.max_train_steps,
-                last_epoch=global_step - 1,
-            )
-            continue
         schedule = _schedule_multiplier(args, optimizer.param_groups[0]["initial_lr"])
-        factor = lr_factors[name]
+        factor = lr_factors.get(name, _unit_factor)
         schedulers[name] = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step, schedule=schedule, factor=factor: schedule(step) * factor(step), global_step - 1
         )
     return schedulers
+
+
+def _unit_factor(step: int) -> float:
+    return 1.0
 
 
 def _schedule_multiplier(args: argparse.Namespace, base_lr: float) -> Callable[[int], float]:
