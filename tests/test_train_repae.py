@@ -335,7 +335,7 @@ def test_decoder_only_steps_change_only_the_decoder(tiny_setup, tmp_path):
     # steps 2 and 3 (between checkpoints 2 and 4) are decoder-only: the SiT, projector, their EMA and the BN stay
     out = tmp_path / "decoder_only"
     frozen = ["--vae_freeze_step", "1", "--train_decoder_after_freeze", "--decoder_only_step", "2"]
-    _run(_argv(tiny_setup, out, 4, *frozen, "--cache_frozen_targets"))
+    _run(_argv(tiny_setup, out, 4, *frozen, "--cache_frozen_targets", "--sit_lr_decay_start", "1"))
     at_2, at_4 = _tensors(out / "checkpoint-2"), _tensors(out / "checkpoint-4")
     changed = {k for k in at_2 if not torch.equal(at_2[k], at_4[k])}
     vae = {k for k in changed if k.startswith("model.safetensors:")}
@@ -349,11 +349,12 @@ def test_decoder_only_steps_change_only_the_decoder(tiny_setup, tmp_path):
     }
     card = (out / "README.md").read_text()
     assert "for 1 more steps" in card and "The last 2 steps trained the decoder alone" in card
-    # the VAE optimiser anneals linearly over steps 2-3 (2/2 of its rate, then 1/2); the SiT's keeps its own
+    # the VAE optimiser anneals linearly over steps 2-3 (2/2 of its rate, then 1/2); the SiT's reaches 0 at step 2,
+    # where it stops training (--sit_lr_decay_start 1: 1/1 of its rate at step 1, then 0)
     records = json.loads((out / "checkpoint-4" / "project_state.json").read_text())["history"]["records"]
     lr = {record["step"]: (record["lr/vae"], record["lr/sit"]) for record in records}
     assert lr[3][0] == pytest.approx(lr[2][0]) and lr[4][0] == pytest.approx(lr[3][0] / 2)
-    assert lr[4][1] == pytest.approx(lr[2][1])
+    assert lr[2][1] > 0 and lr[3][1] == lr[4][1] == 0
 
 
 class _ExplodingState:

@@ -18,7 +18,7 @@ from PIL import Image
 
 from diffusers_repae import SiTTransformer2DModel
 from diffusers_repae.training.model_card import PIPELINE_TAGS, save_model_card
-from diffusers_repae.training.repae_step import decoder_only_lr_factor
+from diffusers_repae.training.repae_step import linear_decay_factor
 from diffusers_repae.training.trainer import (
     add_run_args,
     check_run_args,
@@ -103,7 +103,7 @@ def test_resumed_schedule_continues_where_it_stopped():
 
 def test_a_learning_rate_factor_multiplies_the_schedule_and_resumes():
     args = run_args("--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "2", "--max_train_steps", "10")
-    factor = decoder_only_lr_factor(decoder_only_step=6, max_train_steps=10)
+    factor = linear_decay_factor(start=6, end=10)
     used, _ = lrs_over_steps(args, 10, factor=factor)
     expected = [0.5 * min(1.0, s / 2) * (1.0 if s < 6 else (10 - s) / 4) for s in range(10)]
     assert used == pytest.approx(expected, abs=1e-12)

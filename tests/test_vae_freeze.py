@@ -268,7 +268,7 @@ def test_the_model_card_says_from_when_the_gan_was_active():
     args = SimpleNamespace(
         output_dir="out", recipe="emoji-cpu", resolution=32, enc_type="efficientnet-lite0", encoder_depth=2,
         lpips_weight=0.0, disc_start=600, disc_weight=0.5, adaptive_disc_weight=True, vae_warmup_steps=0,
-        vae_freeze_step=None,
+        vae_freeze_step=None, max_train_steps=1000,
     )  # fmt: skip
     data = SimpleNamespace(source="folder", num_classes=2, attribution=None)
     card = train_repae.model_card(args, data, {"sit": 1}, global_step=1000, global_batch=16)
@@ -282,7 +282,7 @@ def test_the_model_card_says_when_the_vae_was_frozen():
     train_repae = _train_repae()
     args = SimpleNamespace(
         output_dir="out", recipe="emoji-cpu", resolution=32, enc_type="efficientnet-lite0", encoder_depth=2,
-        lpips_weight=1.0, disc_start=0, vae_warmup_steps=0, vae_freeze_step=300,
+        lpips_weight=1.0, disc_start=0, vae_warmup_steps=0, vae_freeze_step=300, max_train_steps=1000,
     )  # fmt: skip
     data = SimpleNamespace(source="folder", num_classes=2, attribution=None)
     card = train_repae.model_card(args, data, {"sit": 1}, global_step=1000, global_batch=16)
@@ -292,3 +292,42 @@ def test_the_model_card_says_when_the_vae_was_frozen():
     assert "for 500 more steps" in card and "The last 200 steps trained the decoder alone" in card
     args.vae_freeze_step = None
     assert "frozen" not in train_repae.model_card(args, data, {"sit": 1}, global_step=1000, global_batch=16)
+
+
+def test_the_sits_learning_rate_decays_to_zero_at_the_last_step_it_trains():
+    train_repae = _train_repae()
+    base = ["--output_dir", "unused", "--max_train_steps", "10", "--sit_lr_decay_start", "2"]
+    decoder_only = ["--vae_freeze_step", "1", "--train_decoder_after_freeze", "--decoder_only_step", "6"]
+    to_the_end = train_repae.lr_factors(train_repae.parse_args(base))
+    assert set(to_the_end) == {"sit"}
+    assert [to_the_end["sit"](s) for s in range(11)] == pytest.approx(
+        [1, 1, 1, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8, 0]
+    )
+    factors = train_repae.lr_factors(train_repae.parse_args(base + decoder_only))
+    assert [factors["sit"](s) for s in range(11)] == pytest.approx([1, 1, 1, 3 / 4, 2 / 4, 1 / 4, 0, 0, 0, 0, 0])
+    assert [factors["vae"](s) for s in range(11)] == pytest.approx([1, 1, 1, 1, 1, 1, 1, 3 / 4, 2 / 4, 1 / 4, 0])
+
+
+@pytest.mark.parametrize("start", ["-1", "6", "7"])
+def test_a_sit_lr_decay_that_starts_too_late_is_refused(start, capsys):
+    train_repae = _train_repae()
+    decoder_only = ["--vae_freeze_step", "1", "--train_decoder_after_freeze", "--decoder_only_step", "6"]
+    with pytest.raises(SystemExit):
+        train_repae.parse_args(["--output_dir", "unused", *decoder_only, "--sit_lr_decay_start", start])
+    assert "--sit_lr_decay_start must be >= 0 and before the SiT's last step (6: " in capsys.readouterr().err
+
+
+def test_the_model_card_says_when_the_sits_learning_rate_decayed():
+    train_repae = _train_repae()
+    args = SimpleNamespace(
+        output_dir="out", recipe="emoji-cpu", resolution=32, enc_type="efficientnet-lite0", encoder_depth=2,
+        lpips_weight=1.0, disc_start=0, vae_warmup_steps=0, vae_freeze_step=300, max_train_steps=1000,
+        train_decoder_after_freeze=True, decoder_only_step=800, sit_lr_decay_start=300,
+    )  # fmt: skip
+    data = SimpleNamespace(source="folder", num_classes=2, attribution=None)
+    card = train_repae.model_card(args, data, {"sit": 1}, global_step=1000, global_batch=16)
+    assert "decayed linearly from step 300 towards 0 at step 800 (`--sit_lr_decay_start`)" in card
+    args.sit_lr_decay_start = None
+    assert "sit_lr_decay_start" not in train_repae.model_card(
+        args, data, {"sit": 1}, global_step=1000, global_batch=16
+    )

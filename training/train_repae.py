@@ -36,8 +36,8 @@ from diffusers_repae.training.repae_step import (
     RepaEHyperParameters,
     RepaEModels,
     VAEWithPosterior,
-    decoder_only_lr_factor,
     ema_target,
+    linear_decay_factor,
     train_step,
 )
 from diffusers_repae.training.trainer import (
@@ -148,6 +148,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "rate decays linearly to 0 at --max_train_steps: for when the SiT has plateaued on the frozen latents and "
         "the decoder has not. Default: the SiT trains to the last step.",
     )
+    parser.add_argument(
+        "--sit_lr_decay_start",
+        type=int,
+        default=None,
+        help="From this step on the SiT's (and projector's) learning rate decays linearly to 0 at the last step the "
+        "SiT trains (--decoder_only_step, else --max_train_steps), on top of --lr_scheduler: an annealed end for a "
+        "SiT whose loss has plateaued at a constant rate (the demo: from --vae_freeze_step). Default: no decay.",
+    )
     add_vae_loss_args(parser)
     add_sit_training_args(parser, tracker_project_name="train_repae")
     add_data_args(parser)
@@ -175,6 +183,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             f"--decoder_only_step must be > --vae_freeze_step ({args.vae_freeze_step}) and needs "
             f"--train_decoder_after_freeze, got {args.decoder_only_step}."
+        )
+    if args.sit_lr_decay_start is not None and not 0 <= args.sit_lr_decay_start < sit_last_step(args):
+        parser.error(
+            f"--sit_lr_decay_start must be >= 0 and before the SiT's last step ({sit_last_step(args)}: "
+            f"--decoder_only_step, else --max_train_steps), got {args.sit_lr_decay_start}."
         )
     if args.cache_frozen_targets and args.vae_freeze_step is None:
         parser.error("--cache_frozen_targets needs --vae_freeze_step (the targets change while the VAE trains).")
@@ -239,9 +252,15 @@ def model_card(args, data, num_params: dict[str, int], global_step: int, global_
             f"The first {args.vae_warmup_steps} steps trained only the VAE's reconstruction (`--vae_warmup_steps`).",
             "",
         ]
+    sit_lr_decay_start = getattr(args, "sit_lr_decay_start", None)
+    if sit_lr_decay_start is not None and sit_lr_decay_start < global_step:
+        lines += [
+            f"The SiT's learning rate decayed linearly from step {sit_lr_decay_start} towards 0 at step "
+            f"{sit_last_step(args)} (`--sit_lr_decay_start`).",
+            "",
+        ]
     if args.vae_freeze_step is not None and args.vae_freeze_step < global_step:
-        decoder_only_step = getattr(args, "decoder_only_step", None)
-        sit_end = global_step if decoder_only_step is None else min(decoder_only_step, global_step)
+        sit_end = min(sit_last_step(args), global_step)
         lines += [
             f"**End-to-end for the first {args.vae_freeze_step} steps only** (`--vae_freeze_step`): the VAE was then "
             "frozen and the SiT trained on its latents (denoising + alignment) for "
@@ -268,11 +287,21 @@ def model_card(args, data, num_params: dict[str, int], global_step: int, global_
     return "\n".join(lines)
 
 
-def vae_lr_factors(args) -> dict:
-    """With --decoder_only_step the VAE optimiser (only the decoder still trains) anneals to 0 at the last step."""
-    if args.decoder_only_step is None:
-        return {}
-    return {"vae": decoder_only_lr_factor(args.decoder_only_step, args.max_train_steps)}
+def sit_last_step(args) -> int:
+    """The step the SiT stops training at: --decoder_only_step, else --max_train_steps."""
+    decoder_only_step = getattr(args, "decoder_only_step", None)
+    return args.max_train_steps if decoder_only_step is None else min(decoder_only_step, args.max_train_steps)
+
+
+def lr_factors(args) -> dict:
+    """Multipliers on --lr_scheduler: with --decoder_only_step the VAE optimiser (only the decoder still trains)
+    anneals to 0 at the last step; with --sit_lr_decay_start the SiT's anneals to 0 at the SiT's last step."""
+    factors = {}
+    if args.decoder_only_step is not None:
+        factors["vae"] = linear_decay_factor(args.decoder_only_step, args.max_train_steps)
+    if args.sit_lr_decay_start is not None:
+        factors["sit"] = linear_decay_factor(args.sit_lr_decay_start, sit_last_step(args))
+    return factors
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -416,7 +445,7 @@ def main(argv: list[str] | None = None) -> Path:
     optimizers = {"sit": optimizer_sit, "vae": optimizer_vae, "disc": optimizer_disc}
     global_step = run_training_loop(
         args, accelerator, data, dataloader, step_fn, optimizers, history, global_step, resume, validate,
-        postfix_keys=("sit/loss", "vae/loss"), lr_factors=vae_lr_factors(args),
+        postfix_keys=("sit/loss", "vae/loss"), lr_factors=lr_factors(args),
     )  # fmt: skip
 
     accelerator.wait_for_everyone()

@@ -446,15 +446,16 @@ def decoder_only_pass(
     return decoder_pass(accelerator, models, hp, images, latents, mean, std, generator, global_step)
 
 
-def decoder_only_lr_factor(decoder_only_step: int, max_train_steps: int) -> Callable[[int], float]:
-    """The VAE optimiser's learning-rate multiplier at a step: 1 until ``decoder_only_step``, then linear to 0 at
-    ``max_train_steps``, so the decoder-only phase ends annealed (on a demo decoder trained after the fact: 3.5 FD
-    better than a constant rate; inside whole demo runs the difference was within the sampling noise)."""
+def linear_decay_factor(start: int, end: int) -> Callable[[int], float]:
+    """A learning-rate multiplier: 1 before step ``start``, then linear to 0 at step ``end`` (0 after). With
+    ``--decoder_only_step`` the VAE optimiser anneals this way over the decoder-only steps (on a demo decoder trained
+    after the fact: 3.5 FD better than a constant rate; inside whole demo runs the difference was within the sampling
+    noise), and with ``--sit_lr_decay_start`` the SiT's over its last steps."""
 
     def factor(step: int) -> float:
-        if step < decoder_only_step:
+        if step < start:
             return 1.0
-        return max(0.0, (max_train_steps - step) / max(1, max_train_steps - decoder_only_step))
+        return max(0.0, (end - step) / max(1, end - start))
 
     return factor
 
