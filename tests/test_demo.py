@@ -63,6 +63,15 @@ def test_demo_writes_its_report(demo_run):
     assert (out / "loss_curves.png").is_file()
 
 
+def test_the_exported_pipeline_samples_with_the_demos_settings(demo_run):
+    from diffusers_repae import RepaEPipeline
+
+    out, _, argv = demo_run
+    config = RepaEPipeline.from_pretrained(out / "pipeline").config
+    assert config.default_num_inference_steps == int(argv[argv.index("--num_inference_steps") + 1]) == 2
+    assert config.default_guidance_scale == demo.parse_args([]).guidance_scale
+
+
 def test_demo_pictures_have_one_row_per_class(demo_run):
     out, _, _ = demo_run
     samples = Image.open(out / "samples.png")
@@ -105,12 +114,16 @@ def test_demo_passes_its_frozen_phase_to_train_repae():
     parsed = train_repae.parse_args(["--output_dir", "unused", *demo.frozen_phase_flags(demo.parse_args(demo_flags))])
     assert parsed.vae_freeze_step == 400 and parsed.cache_frozen_targets
     assert parsed.train_decoder_after_freeze and parsed.decoder_latent_noise == 0.25
-    assert parsed.decoder_only_step == 600
+    assert parsed.decoder_only_step == 600 and parsed.sit_lr_decay_start == 400
     plain = train_repae.parse_args(
         ["--output_dir", "unused", *demo.frozen_phase_flags(demo.parse_args(["--no_decoder_training"]))]
     )
     assert not plain.train_decoder_after_freeze and plain.decoder_latent_noise == 0
-    assert plain.decoder_only_step is None
+    assert plain.decoder_only_step is None and plain.sit_lr_decay_start == 1000
+    constant = train_repae.parse_args(
+        ["--output_dir", "unused", *demo.frozen_phase_flags(demo.parse_args(["--constant_sit_lr"]))]
+    )
+    assert constant.sit_lr_decay_start is None
 
 
 @pytest.mark.parametrize("decoder_only_step", ["400", "300"])

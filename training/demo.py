@@ -128,6 +128,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "last layer (train_repae.py --adaptive_disc_weight --disc_weight).",
     )
     training.add_argument(
+        "--constant_sit_lr",
+        action="store_true",
+        help="Keep the SiT's learning rate constant after --vae_freeze_step. By default it decays linearly to 0 over "
+        "the SiT's steps on the frozen VAE (train_repae.py --sit_lr_decay_start), an annealed end for its training.",
+    )
+    training.add_argument(
         "--no_decoder_training",
         action="store_true",
         help="Freeze the decoder with the encoder at --vae_freeze_step (the SiT-only steps are then faster).",
@@ -237,14 +243,26 @@ def gan_flags(args) -> list[str]:
 
 
 def frozen_phase_flags(args) -> list[str]:
-    """train_repae.py flags of the steps after the freeze: reuse each image's targets, and (unless
-    ``--no_decoder_training``) keep training the decoder on noise-perturbed latents."""
+    """train_repae.py flags of the steps after the freeze: reuse each image's targets, anneal the SiT's learning rate
+    (unless ``--constant_sit_lr``) and (unless ``--no_decoder_training``) keep training the decoder on
+    noise-perturbed latents."""
     flags = ["--vae_freeze_step", str(args.vae_freeze_step), "--cache_frozen_targets"]
+    if not args.constant_sit_lr:
+        flags += ["--sit_lr_decay_start", str(args.vae_freeze_step)]
     if not args.no_decoder_training:
         flags += ["--train_decoder_after_freeze", "--decoder_latent_noise", str(args.decoder_latent_noise)]
         if args.decoder_only_step:
             flags += ["--decoder_only_step", str(args.decoder_only_step)]
     return flags
+
+
+def set_sampling_defaults(pipeline_dir: Path, num_inference_steps: int, guidance_scale: float) -> None:
+    """Make the demo's sampler settings the exported pipeline's defaults (model_index.json), so that
+    ``RepaEPipeline.from_pretrained(pipeline_dir)(class_labels=...)`` samples as the demo scored."""
+    index_path = pipeline_dir / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index.update(default_num_inference_steps=num_inference_steps, default_guidance_scale=guidance_scale)
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def named_scores(scores: dict) -> dict:
@@ -325,6 +343,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"      end-to-end for {args.vae_freeze_step} steps, then the VAE is frozen and the SiT trains on for "
             f"{sit_end - args.vae_freeze_step} steps (--vae_freeze_step)"
+            + ("" if args.constant_sit_lr else ", its learning rate decaying to 0")
         )
         if not args.no_decoder_training:
             print(
@@ -348,6 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_minutes = (time.perf_counter() - train_start) / 60
 
     print("[3/4] sampling and scoring against the training images ...", flush=True)
+    set_sampling_defaults(pipeline_dir, args.num_inference_steps, args.guidance_scale)
     pipe = RepaEPipeline.from_pretrained(pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
     call = {
