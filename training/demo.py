@@ -22,7 +22,7 @@ Departures from the paper's recipe, all because this is a 10-minute CPU run (the
 LPIPS term (torchvision's VGG16 weights cannot be had offline), the GAN term only in the decoder-only phase, the
 VAE starts from random weights (REPA-E starts from a trained VAE), a tiny VAE and SiT at 32 px, batch 16,
 lognormal time sampling, higher learning rates with warm-up, EMA decay 0.995, 50 SDE steps with guidance 3.0, bf16
-autocast where the CPU has bf16 units, the VAE's encoder frozen after 1000 of the 3400 steps, the SiT after 2000 (its
+autocast where the CPU has bf16 units, the VAE's encoder frozen after 1000 of the 3000 steps, the SiT after 2000 (its
 learning rate decaying to 0 in between), and the decoder trained on latents perturbed by noise of up to 0.8 x their
 spread after the encoder's freeze.
 """
@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     training.add_argument(
         "--max_train_steps",
         type=int,
-        default=3400,
+        default=3000,
         help="Training steps: end-to-end, then the SiT and the decoder on the frozen encoder, then the decoder alone.",
     )
     training.add_argument(
@@ -143,7 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     training.add_argument(
         "--max_train_minutes",
         type=float,
-        default=7.9,
+        default=7.3,
         help="Safety cap: stop training after this many minutes even if --max_train_steps is not reached (the "
         "log says so). The default run trains for about 7.4 minutes on a 2-core CPU with bf16 units.",
     )
