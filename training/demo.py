@@ -6,9 +6,8 @@ trains the `emoji-cpu` recipe with `training/train_repae.py`: end-to-end REPA-E 
 the bundled EfficientNet-Lite0 together), then the SiT alone on the frozen end-to-end VAE (``--vae_freeze_step``, the
 paper's second stage in the same run) with its learning rate annealed to 0, while the VAE's decoder keeps learning to
 decode the frozen encoder's latents with noise added (``--decoder_latent_noise``), so that it also decodes the SiT's
-imperfect latents well. The last
-steps train the decoder alone (``--decoder_only_step``), with a patch-GAN term (``--gan_start``) and a learning
-rate that decays to 0. It exports a `RepaEPipeline`, and then reports on itself:
+imperfect latents well. The last steps train the decoder alone (``--decoder_only_step``), with a patch-GAN term
+(``--gan_start``) and a learning rate that decays to 0. It exports a `RepaEPipeline`, and then reports on itself:
 
     demo/metrics.json          FD-EfficientNetLite0 / precision / recall of class-balanced samples against the
                                training images (the offline extractor; not comparable with FID), and of the VAE's
