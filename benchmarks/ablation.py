@@ -44,7 +44,6 @@ import demo  # noqa: E402
 import train_ldm  # noqa: E402
 import train_repae  # noqa: E402
 import train_vae  # noqa: E402
-
 from diffusers_repae import RepaEPipeline  # noqa: E402
 from diffusers_repae.cli import UserError, run_cli  # noqa: E402
 from diffusers_repae.evaluation import build_feature_extractor  # noqa: E402

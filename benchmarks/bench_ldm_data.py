@@ -18,7 +18,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Table, measure, suite_main  # noqa: E402
-
 from diffusers_repae import build_component, build_vae  # noqa: E402
 from diffusers_repae.training.encoders import load_vision_encoders  # noqa: E402
 from diffusers_repae.training.ldm_step import batch_latents  # noqa: E402

@@ -24,7 +24,6 @@ from common import (  # noqa: E402
     speedup,
     suite_main,
 )
-
 from diffusers_repae.pipelines.pipeline_repae import RepaEPipeline  # noqa: E402
 from diffusers_repae.schedulers.scheduling_flow_match_ode import (  # noqa: E402
     scheduler_for_sampler,

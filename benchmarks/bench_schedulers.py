@@ -28,7 +28,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Table, suite_main  # noqa: E402
-
 from diffusers_repae.evaluation.features import EfficientNetLite0FeatureExtractor, extract_features  # noqa: E402
 from diffusers_repae.evaluation.generation import features_of, metric_names  # noqa: E402
 from diffusers_repae.evaluation.metrics import frechet_distance_from_features  # noqa: E402

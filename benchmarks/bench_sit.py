@@ -30,7 +30,6 @@ from common import (  # noqa: E402
     speedup,
     suite_main,
 )
-
 from diffusers_repae import build_component  # noqa: E402
 from diffusers_repae.models.transformer_sit import SiTAttention, modulate  # noqa: E402
 

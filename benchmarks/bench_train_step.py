@@ -29,7 +29,6 @@ from common import (  # noqa: E402
     suite_main,
     synchronize,
 )
-
 from diffusers_repae import LatentBatchNorm, build_component  # noqa: E402
 from diffusers_repae.models.discriminator import PatchGANDiscriminator  # noqa: E402
 from diffusers_repae.training.ema import ModelEMA, update_ema  # noqa: E402

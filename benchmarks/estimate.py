@@ -18,7 +18,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_sit import meta_flops  # noqa: E402
 from common import Table, count_flops, suite_main  # noqa: E402
-
 from diffusers_repae import build_component  # noqa: E402
 from diffusers_repae.models.discriminator import PatchGANDiscriminator  # noqa: E402
 from diffusers_repae.models.vae import build_vae  # noqa: E402

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from reference_original import OriginalAutoencoderKL, OriginalSiT, sample_images
 from safetensors.torch import save_file
 
 from diffusers_repae import SiTTransformer2DModel, vae_config
@@ -34,6 +33,7 @@ from diffusers_repae.conversion.sit import diffusers_to_original_key
 from diffusers_repae.models.discriminator import PatchGANDiscriminator
 from diffusers_repae.pipelines import RepaEPipeline
 from diffusers_repae.recipes import load_component_config
+from reference_original import OriginalAutoencoderKL, OriginalSiT, sample_images
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -180,3 +180,21 @@ def test_reconstructions_decode_the_posterior_mean():
     expected = ((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert got.dtype == np.uint8 and got.shape == images.shape
     assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_sample_grid_places_each_class_in_its_own_row_after_a_fitted_label_column():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(6, 4, 4, 3), dtype=np.uint8)
+    labels = np.array([3, 1, 3, 1, 3, 1])
+    grid = np.asarray(demo.labelled_rows(images, labels, {1: "a", 3: "bb"}, per_row=3, zoom=2))
+
+    side = 8
+    label_width = grid.shape[1] - 3 * side
+    assert grid.shape[0] == 2 * side
+    assert 0 < label_width < 40  # two short names need only a narrow column
+    for row, class_id in enumerate([1, 3]):
+        for column, image in enumerate(images[labels == class_id]):
+            enlarged = image.repeat(2, axis=0).repeat(2, axis=1)  # nearest-neighbour zoom, written independently
+            tile = grid[row * side : (row + 1) * side, label_width + column * side : label_width + (column + 1) * side]
+            np.testing.assert_array_equal(tile, enlarged)
+    assert (grid[:, :label_width] < 128).any(), "the class names are drawn in the label column"

@@ -14,7 +14,6 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
-from tiny_setup import write_tiny_setup
 
 from diffusers_repae import LatentBatchNorm, REPAProjector, SiTTransformer2DModel
 from diffusers_repae.models.discriminator import PatchGANDiscriminator
@@ -31,6 +30,7 @@ from diffusers_repae.training.repae_step import (
     train_step,
     vae_alignment_pass,
 )
+from tiny_setup import write_tiny_setup
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "training" / "train_repae.py"

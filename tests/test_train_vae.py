@@ -12,10 +12,10 @@ from accelerate.state import AcceleratorState, GradientState
 from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_setup import write_tiny_setup
 
 from diffusers_repae.models.discriminator import PatchGANDiscriminator
 from diffusers_repae.training.losses import VAEReconstructionLoss
+from tiny_setup import write_tiny_setup
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINING = REPO / "training"

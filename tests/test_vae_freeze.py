@@ -5,8 +5,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate import Accelerator
-from test_fidelity import _train_repae
-from test_train_repae import _batch, _models, _params, _reset_accelerate, _same
 
 from diffusers_repae.training.ema import ModelEMA
 from diffusers_repae.training.repae_step import (
@@ -18,6 +16,8 @@ from diffusers_repae.training.repae_step import (
     perturbed_latents,
     train_step,
 )
+from test_fidelity import _train_repae
+from test_train_repae import _batch, _models, _params, _reset_accelerate, _same
 
 
 def _trained(vae_freeze_step, global_step, **hp_kwargs):

@@ -2,10 +2,10 @@
 
 import torch
 from accelerate import Accelerator
-from test_train_repae import _batch, _models, _params, _reset_accelerate, _same
 
 from diffusers_repae.training.losses import kl_loss
 from diffusers_repae.training.repae_step import RepaEHyperParameters, images_to_vae_range, train_step
+from test_train_repae import _batch, _models, _params, _reset_accelerate, _same
 
 
 def test_warmup_step_trains_only_the_vae_on_its_reconstruction_loss():

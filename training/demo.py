@@ -43,7 +43,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "training"))
 
 import train_repae  # noqa: E402
-
 from diffusers_repae import RepaEPipeline  # noqa: E402
 from diffusers_repae.cli import refuse_overwrite, run_cli  # noqa: E402
 from diffusers_repae.evaluation import build_feature_extractor  # noqa: E402
@@ -280,13 +279,16 @@ def labelled_rows(images: np.ndarray, labels: np.ndarray, names: dict[int, str],
     from PIL import Image, ImageDraw, ImageFont
 
     side = images.shape[1] * zoom
-    label_width = 150
     classes = sorted(names)
+    titles = {class_id: names[class_id][:24] for class_id in classes}
+    font = ImageFont.load_default()
+    # The label column is as wide as the longest title, so short names leave no empty band.
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_width = 8 + max(round(measure.textlength(title, font=font)) for title in titles.values())
     grid = Image.new("RGB", (label_width + per_row * side, len(classes) * side), "white")
     draw = ImageDraw.Draw(grid)
-    font = ImageFont.load_default()
     for row, class_id in enumerate(classes):
-        draw.text((4, row * side + side // 2 - 6), names[class_id][:24], fill="black", font=font)
+        draw.text((4, row * side + side // 2 - 6), titles[class_id], fill="black", font=font)
         for column, image in enumerate(images[labels == class_id][:per_row]):
             tile = Image.fromarray(image).resize((side, side), Image.NEAREST)
             grid.paste(tile, (label_width + column * side, row * side))
