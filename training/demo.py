@@ -283,8 +283,7 @@ def labelled_rows(images: np.ndarray, labels: np.ndarray, names: dict[int, str],
     titles = {class_id: names[class_id][:24] for class_id in classes}
     font = ImageFont.load_default()
     # The label column is as wide as the longest title, so short names leave no empty band.
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_width = 8 + max(round(measure.textlength(title, font=font)) for title in titles.values())
+    label_width = 8 + max(round(font.getlength(title)) for title in titles.values())
     grid = Image.new("RGB", (label_width + per_row * side, len(classes) * side), "white")
     draw = ImageDraw.Draw(grid)
     for row, class_id in enumerate(classes):
