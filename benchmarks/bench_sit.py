@@ -229,10 +229,13 @@ def sit_speed_table(args, device: torch.device, precision: str) -> Table:
 def naive_attention_forward(self: SiTAttention, x: torch.Tensor) -> torch.Tensor:
     """The textbook ``softmax(QK^T / sqrt(d)) V``, materialising the attention matrix ("before")."""
     batch, tokens, dim = x.shape
-    q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = (
+        linear(x).reshape(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        for linear in (self.to_q, self.to_k, self.to_v)
+    )
     q, k = self.q_norm(q), self.k_norm(k)
     weights = (q @ k.transpose(-2, -1) * (1.0 / math.sqrt(self.head_dim))).softmax(dim=-1)
-    return self.proj((weights @ v).transpose(1, 2).reshape(batch, tokens, dim))
+    return self.to_out[0]((weights @ v).transpose(1, 2).reshape(batch, tokens, dim))
 
 
 def use_naive_attention(model, naive: bool) -> None:

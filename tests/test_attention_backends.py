@@ -41,21 +41,27 @@ def _restore_backend():
 
 
 def direct_sdpa_attention(attn: SiTAttention, x: torch.Tensor) -> torch.Tensor:
-    """The pre-dispatch implementation: fused qkv -> [3, B, H, S, hd] -> F.scaled_dot_product_attention -> proj."""
+    """The pre-dispatch implementation: q, k, v -> [B, H, S, hd] -> F.scaled_dot_product_attention -> to_out.0."""
     b, s, d = x.shape
-    q, k, v = attn.qkv(x).reshape(b, s, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = (
+        lin(x).reshape(b, s, attn.num_heads, attn.head_dim).transpose(1, 2)
+        for lin in (attn.to_q, attn.to_k, attn.to_v)
+    )
     out = F.scaled_dot_product_attention(attn.q_norm(q), attn.k_norm(k), v)
-    return attn.proj(out.transpose(1, 2).reshape(b, s, d))
+    return attn.to_out[0](out.transpose(1, 2).reshape(b, s, d))
 
 
 def explicit_softmax_attention(attn: SiTAttention, x: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd)) v written out, per head."""
     b, s, d = x.shape
-    q, k, v = attn.qkv(x).split(d, dim=-1)
+    w = torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight])  # the original's fused qkv
+    bias = torch.cat([attn.to_q.bias, attn.to_k.bias, attn.to_v.bias])
+    q, k, v = (x @ w.T + bias).split(d, dim=-1)
     q, k, v = (z.reshape(b, s, attn.num_heads, attn.head_dim).transpose(1, 2) for z in (q, k, v))
     q, k = attn.q_norm(q), attn.k_norm(k)
     weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(attn.head_dim), dim=-1)
-    return attn.proj((weights @ v).transpose(1, 2).reshape(b, s, d))
+    out = (weights @ v).transpose(1, 2).reshape(b, s, d)
+    return out @ attn.to_out[0].weight.T + attn.to_out[0].bias
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])
@@ -148,7 +154,7 @@ def test_layerwise_casting_float8_storage_matches_rounded_weights():
         expected = rounded(x, t, y).sample
 
     model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
-    assert model.transformer_blocks[0].attn.qkv.weight.dtype == torch.float8_e4m3fn
+    assert model.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
     assert model.class_embedding.weight.dtype == torch.float8_e4m3fn
     assert model.dtype == torch.float32  # the compute dtype: what the pipeline feeds the model
     with torch.no_grad():

@@ -29,7 +29,7 @@ from diffusers_repae.conversion import (
     verification_failures,
     verify_folder,
 )
-from diffusers_repae.conversion.sit import diffusers_to_original_key
+from diffusers_repae.conversion.sit import original_sit_state_dict
 from diffusers_repae.models.discriminator import PatchGANDiscriminator
 from diffusers_repae.pipelines import RepaEPipeline
 from diffusers_repae.recipes import load_component_config
@@ -485,7 +485,7 @@ def test_real_sit_layouts_map_completely(model, recipe, input_size, channels):
     assert config == {k: v for k, v in load_component_config(recipe, "transformer").items() if not k.startswith("_")}
     with torch.device("meta"):
         sit = SiTTransformer2DModel.from_config(config)
-    expected = {diffusers_to_original_key(k): tuple(v.shape) for k, v in sit.state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in original_sit_state_dict(sit.state_dict()).items()}
     assert expected == {k: tuple(v.shape) for k, v in split.transformer.items()}
 
 

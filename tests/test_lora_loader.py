@@ -91,9 +91,11 @@ def test_standard_layout_and_round_trip(tmp_path):
     with safe_open(path, "pt") as f:
         keys, header = list(f.keys()), f.metadata()
     assert keys and all(k.startswith("transformer.") and ".lora_" in k for k in keys)
-    assert "transformer.transformer_blocks.0.attn.qkv.lora_A.weight" in keys
+    assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in keys
+    assert "transformer.transformer_blocks.0.attn.to_out.0.lora_B.weight" in keys
     config = json.loads(header["lora_adapter_metadata"])
-    assert config["transformer.r"] == 4 and set(config["transformer.target_modules"]) >= {"qkv", "fc1"}
+    standard = {"to_q", "to_k", "to_v", "to_out.0", "fc1"}
+    assert config["transformer.r"] == 4 and set(config["transformer.target_modules"]) >= standard
 
     pipe = pipeline(base_sit())
     base = velocity(pipe.transformer, [0, 3, NUM_CLASSES])

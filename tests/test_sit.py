@@ -75,12 +75,11 @@ def reference_forward(model: SiTTransformer2DModel, x, t, y) -> tuple[torch.Tens
         mod = c @ block.adaln_modulation.weight.T + block.adaln_modulation.bias
         s1, sc1, g1, s2, sc2, g2 = mod.split(d, dim=1)
         a = layer_norm(tokens) * (1 + sc1[:, None]) + s1[:, None]
-        qkv = a @ block.attn.qkv.weight.T + block.attn.qkv.bias
-        q, k, v = qkv.split(d, dim=-1)
+        q, k, v = (a @ lin.weight.T + lin.bias for lin in (block.attn.to_q, block.attn.to_k, block.attn.to_v))
         split = lambda z: z.reshape(b, g * g, heads, d // heads).transpose(1, 2)  # noqa: E731
         q, k, v = split(q), split(k), split(v)
         att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // heads), dim=-1) @ v
-        att = att.transpose(1, 2).reshape(b, g * g, d) @ block.attn.proj.weight.T + block.attn.proj.bias
+        att = att.transpose(1, 2).reshape(b, g * g, d) @ block.attn.to_out[0].weight.T + block.attn.to_out[0].bias
         tokens = tokens + g1[:, None] * att
         m = layer_norm(tokens) * (1 + sc2[:, None]) + s2[:, None]
         m = block.mlp.fc1(m)
@@ -125,7 +124,7 @@ def test_fresh_model_is_zero_initialised_where_spec_says():
     for block in model.transformer_blocks:
         assert block.adaln_modulation.weight.abs().sum() == 0 and block.adaln_modulation.bias.abs().sum() == 0
     assert model.proj_out.weight.abs().sum() == 0 and model.adaln_out.weight.abs().sum() == 0
-    assert model.transformer_blocks[0].attn.qkv.bias.abs().sum() == 0
+    assert all(getattr(model.transformer_blocks[0].attn, n).bias.abs().sum() == 0 for n in ("to_q", "to_k", "to_v"))
     assert 0.01 < model.class_embedding.weight.std() < 0.03
     assert model.class_embedding.num_embeddings == model.config.num_classes + 1
     out = model(torch.randn(2, 4, 4, 4), 0.5, 1).sample
@@ -216,7 +215,7 @@ def test_residual_stream_stays_fp32_under_autocast_like_the_original():
             q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
             return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
 
-    from diffusers_repae.conversion.sit import original_to_diffusers_key
+    from diffusers_repae.conversion.sit import convert_sit_state_dict
 
     reference = original.OriginalSiT(input_size=8, hidden_size=64, depth=3, num_heads=4, num_classes=10)
     for block in reference.blocks:
@@ -230,8 +229,7 @@ def test_residual_stream_stays_fp32_under_autocast_like_the_original():
     model = SiTTransformer2DModel(
         sample_size=8, patch_size=2, in_channels=4, hidden_size=64, num_layers=3, num_attention_heads=4, num_classes=10
     ).eval()
-    converted = {original_to_diffusers_key(k): v for k, v in reference.state_dict().items()}
-    model.load_state_dict({k: v for k, v in converted.items() if k is not None})
+    model.load_state_dict(convert_sit_state_dict(reference.state_dict()))
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([0.2, 0.9]), torch.tensor([1, 10])
 
     block_dtypes = []

@@ -3,7 +3,14 @@
 from .export import report_verification, verification_failures, verify_folder, verify_vae_folder, write_pipeline_folder
 from .loading import ConversionError, check_state_dict, extract_state_dict, load_checkpoint, strip_wrapper_prefixes
 from .repae import ConvertedCheckpoint, convert_training_checkpoint, vae_family
-from .sit import infer_sit_config, load_transformer, original_to_diffusers_key, split_sit_state_dict
+from .sit import (
+    convert_sit_state_dict,
+    infer_sit_config,
+    load_transformer,
+    original_sit_state_dict,
+    original_to_diffusers_key,
+    split_sit_state_dict,
+)
 from .vae import (
     KNOWN_NON_VAE_PREFIXES,
     convert_vae_state_dict,
@@ -19,6 +26,7 @@ __all__ = [
     "ConversionError",
     "ConvertedCheckpoint",
     "check_state_dict",
+    "convert_sit_state_dict",
     "convert_training_checkpoint",
     "convert_vae_state_dict",
     "diffusers_to_ldm_key",
@@ -28,6 +36,7 @@ __all__ = [
     "load_checkpoint",
     "load_transformer",
     "load_vae",
+    "original_sit_state_dict",
     "original_to_diffusers_key",
     "split_known_extras",
     "split_sit_state_dict",

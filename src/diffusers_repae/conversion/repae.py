@@ -30,11 +30,11 @@ from .loading import (
 )
 from .sit import (
     SplitSiT,
+    convert_sit_state_dict,
     find_recipe,
     infer_sit_config,
     load_projector,
     load_transformer,
-    original_to_diffusers_key,
     parse_model_name,
     projector_config,
     split_sit_state_dict,
@@ -94,7 +94,7 @@ def pick_recipe(transformer_config: Mapping, model_name: str | None, family: str
 
 def sit_sources(split: SplitSiT) -> dict[str, torch.Tensor]:
     """``{transformer key: original tensor}``, kept for verification."""
-    return {original_to_diffusers_key(key): value for key, value in split.transformer.items()}
+    return convert_sit_state_dict(split.transformer)
 
 
 def discriminator_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> PatchGANDiscriminator | dict:

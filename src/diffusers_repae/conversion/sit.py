@@ -17,7 +17,7 @@ import torch
 
 from ..models.latent_norm import LatentBatchNorm
 from ..models.projector import REPAProjector
-from ..models.transformer_sit import SiTTransformer2DModel
+from ..models.transformer_sit import SiTTransformer2DModel, fuse_attention_keys, split_fused_attention_keys
 from ..recipes import list_recipes, load_component_config
 from .loading import ConversionError, check_state_dict
 
@@ -31,11 +31,15 @@ _FIXED_RENAMES = {
     "final_layer.adaLN_modulation.1.": "adaln_out.",
     "final_layer.linear.": "proj_out.",
 }
-_BLOCK_RENAMES = {"adaLN_modulation.1.": "adaln_modulation."}
+_BLOCK_RENAMES = {"adaLN_modulation.1.": "adaln_modulation.", "attn.proj.": "attn.to_out.0."}
 
 
 def original_to_diffusers_key(key: str) -> str | None:
-    """Our transformer's name for an original SiT key; ``None`` for keys that are not transformer weights."""
+    """Our transformer's name for an original SiT key; ``None`` for keys that are not transformer weights.
+
+    The fused ``attn.qkv.*`` keeps its name here (one original tensor is three of ours): `convert_sit_state_dict`
+    splits it into ``attn.to_q`` / ``to_k`` / ``to_v``. ``attn.proj.*`` becomes ``attn.to_out.0.*``.
+    """
     for old, new in _FIXED_RENAMES.items():
         if key.startswith(old):
             return new + key[len(old) :]
@@ -49,7 +53,9 @@ def original_to_diffusers_key(key: str) -> str | None:
 
 
 def diffusers_to_original_key(key: str) -> str:
-    """Inverse of `original_to_diffusers_key` for every parameter of ``SiTTransformer2DModel``."""
+    """Inverse of `original_to_diffusers_key` for every parameter of ``SiTTransformer2DModel``; ``attn.to_q`` /
+    ``to_k`` / ``to_v`` all name the fused ``attn.qkv`` (see `original_sit_state_dict` for the tensors)."""
+    key = re.sub(r"\.attn\.(to_q|to_k|to_v)\.", ".attn.qkv.", key)
     for old, new in _FIXED_RENAMES.items():
         if key.startswith(new):
             return old + key[len(new) :]
@@ -60,6 +66,19 @@ def diffusers_to_original_key(key: str) -> str:
                 rest = old + rest[len(new) :]
         return f"blocks.{match[1]}.{rest}"
     raise ConversionError(f"no original name known for the SiT parameter {key!r}.")
+
+
+def convert_sit_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An original SiT's transformer weights (``split.transformer``) in our layout: renamed, the fused ``qkv``
+    split into ``to_q`` / ``to_k`` / ``to_v`` (q, k, v stacked in that order along dim 0). Other keys are dropped."""
+    renamed = {new: value for key, value in state_dict.items() if (new := original_to_diffusers_key(key)) is not None}
+    return split_fused_attention_keys(renamed)
+
+
+def original_sit_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our transformer's weights in the original's layout (fused ``qkv``, ``proj``): the inverse of
+    `convert_sit_state_dict`, for shape checks and for exporting back."""
+    return {diffusers_to_original_key(key): value for key, value in fuse_attention_keys(dict(state_dict)).items()}
 
 
 @dataclass
@@ -199,9 +218,9 @@ def load_transformer(split: SplitSiT, config: Mapping) -> SiTTransformer2DModel:
     """A ``SiTTransformer2DModel`` with the converted weights; checks every key and the fixed ``pos_embed``."""
     model = SiTTransformer2DModel.from_config(dict(config))
     target = model.state_dict()
-    expected = {diffusers_to_original_key(key): value.shape for key, value in target.items()}
+    expected = {key: value.shape for key, value in original_sit_state_dict(target).items()}
     check_state_dict(split.transformer, expected, "the SiT state dict")
-    model.load_state_dict({original_to_diffusers_key(k): v for k, v in split.transformer.items()}, strict=True)
+    model.load_state_dict(convert_sit_state_dict(split.transformer), strict=True)
     if split.pos_embed is not None:
         if tuple(split.pos_embed.shape) != tuple(model.pos_embed.shape):
             raise ConversionError(

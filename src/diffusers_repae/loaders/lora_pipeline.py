@@ -26,6 +26,11 @@ from torch import nn
 CLASS_TABLE = "class_embedding"  # the SiT's label table: rows 0..num_classes-1 real classes, the last row null
 CLASS_ROWS_KEY = f"{CLASS_TABLE}.token_adapter.trainable_tokens_delta"  # peft's key of trainable-token rows
 CLASSES_PREFIX = "repae"  # header prefix of the class information (beside diffusers' "transformer.")
+# `lora_state_dict`'s keyword arguments that say where the file is (diffusers' names)
+FETCH_KWARGS = (
+    "weight_name", "use_safetensors", "local_files_only", "cache_dir", "force_download", "proxies", "token",
+    "revision", "subfolder",
+)  # fmt: skip
 
 
 def grow_class_table(sit: nn.Module, num_new_classes: int) -> int:

@@ -8,18 +8,22 @@ to stop there (the align-only pass of end-to-end training).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
-from diffusers.models.attention import AttentionModuleMixin
+from diffusers.models.attention import AttentionMixin, AttentionModuleMixin
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.model_loading_utils import load_state_dict
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, logging
 from torch import nn
+
+logger = logging.get_logger(__name__)
 
 
 def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> torch.Tensor:
@@ -48,19 +52,24 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class SiTAttnProcessor:
-    """Fused qkv projection, optional per-head q/k LayerNorm, attention through diffusers' dispatcher, output proj.
+    """q, k, v projections, optional per-head q/k LayerNorm, attention through diffusers' dispatcher, output Linear.
 
     Going through `dispatch_attention_fn` is what makes ``model.set_attention_backend("flash")`` (or the
     ``attention_backend`` context manager) choose the kernel; the default "native" backend is torch SDPA on the
-    same tensors, so the numbers are those of a direct ``F.scaled_dot_product_attention`` call.
+    same tensors, so the numbers are those of a direct ``F.scaled_dot_product_attention`` call. After
+    ``fuse_qkv_projections()`` the three projections run as one ``to_qkv`` matmul, as in the original.
     """
 
     _attention_backend = None
     _parallel_config = None
 
     def __call__(self, attn: SiTAttention, hidden_states: torch.Tensor) -> torch.Tensor:
-        # [B, S, 3 * D] -> three [B, S, H, head_dim] views (q, k, v stacked in that order): the dispatch layout.
-        query, key, value = attn.qkv(hidden_states).unflatten(-1, (3, attn.num_heads, attn.head_dim)).unbind(2)
+        if attn.fused_projections:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        # [B, S, D] -> [B, S, H, head_dim]: the dispatch layout.
+        query, key, value = (z.unflatten(-1, (attn.num_heads, attn.head_dim)) for z in (query, key, value))
         out = dispatch_attention_fn(
             attn.q_norm(query),
             attn.k_norm(key),
@@ -68,20 +77,109 @@ class SiTAttnProcessor:
             backend=self._attention_backend,
             parallel_config=self._parallel_config,
         )
-        return attn.proj(out.flatten(2, 3).to(query.dtype))
+        return attn.to_out[0](out.flatten(2, 3).to(query.dtype))
+
+
+# Names of the original's fused attention weights inside a block's ``attn``, and ours.
+_FUSED_QKV = "qkv."
+_SPLIT_QKV = ("to_q.", "to_k.", "to_v.")
+_OLD_OUT, _NEW_OUT = "proj.", "to_out.0."
+
+
+def split_fused_attention_keys(state_dict: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """Rename the original's attention weights in place: ``{prefix}qkv.*`` (q, k, v stacked along dim 0) becomes
+    ``to_q.*`` / ``to_k.*`` / ``to_v.*`` and ``{prefix}proj.*`` becomes ``to_out.0.*``; returns ``state_dict``.
+
+    ``prefix`` is one attention module's (``"transformer_blocks.3.attn."``); with the default ``""`` every key
+    ending in ``attn.qkv.*`` / ``attn.proj.*`` is renamed (a whole SiT's state dict, or a LoRA file's).
+    LoRA keys split the same way: a fused layer's ``lora_B`` / ``lora_magnitude_vector`` stack q, k, v along their
+    first dimension, and the shared ``lora_A`` goes to all three, which gives exactly the same update.
+    """
+    owner = re.escape(prefix) if prefix else r"(?:.*\.)?attn\."
+    pattern = re.compile(rf"^({owner})(qkv|proj)\.(.+)$")
+    for key in [k for k in state_dict if pattern.match(k)]:
+        head, kind, rest = pattern.match(key).groups()
+        value = state_dict.pop(key)
+        if kind == "proj":
+            state_dict[f"{head}{_NEW_OUT}{rest}"] = value
+        elif ".lora_A." in f".{rest}":
+            for name in _SPLIT_QKV:
+                state_dict[f"{head}{name}{rest}"] = value
+        else:
+            if value.shape[0] % 3 != 0:
+                raise ValueError(f"{key}: a fused q, k, v tensor needs a first dimension divisible by 3.")
+            for name, part in zip(_SPLIT_QKV, value.chunk(3, dim=0)):
+                state_dict[f"{head}{name}{rest}"] = part
+    return state_dict
+
+
+def fuse_attention_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `split_fused_attention_keys` for weights (not LoRA): a new dict in the original's layout."""
+    fused: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        match = re.match(r"^(.*\battn\.)(to_q|to_k|to_v|to_out\.0)\.(.+)$", key)
+        if match is None:
+            fused[key] = value
+        elif match[2] == "to_out.0":
+            fused[f"{match[1]}{_OLD_OUT}{match[3]}"] = value
+        elif match[2] == "to_q":
+            parts = [state_dict[f"{match[1]}{name}{match[3]}"] for name in _SPLIT_QKV]
+            fused[f"{match[1]}{_FUSED_QKV}{match[3]}"] = torch.cat(parts, dim=0)
+    return fused
+
+
+def standard_attention_names(name: str) -> list[str]:
+    """A module name or pattern (a LoRA target, a ``rank_pattern`` key) with the original's ``qkv`` / ``proj``
+    components in diffusers' names: ``"qkv"`` -> ``["to_q", "to_k", "to_v"]``, ``"attn.proj"`` ->
+    ``["attn.to_out.0"]``; other names are returned as they are."""
+    if re.search(r"(^|[.^])qkv($|\.)", name):
+        return [re.sub(r"(^|[.^])qkv($|\.)", rf"\g<1>{new}\g<2>", name) for new in ("to_q", "to_k", "to_v")]
+    return [re.sub(r"(^|[.^])proj($|\.)", r"\g<1>to_out.0\g<2>", name)]
+
+
+def standard_lora_metadata(metadata: dict | None) -> dict | None:
+    """A LoRA's ``LoraConfig`` (diffusers' ``lora_adapter_metadata``, keys optionally prefixed ``"transformer."``)
+    with `standard_attention_names` applied to its target modules and per-module patterns."""
+    if not metadata:
+        return metadata
+    metadata = dict(metadata)
+    for key, value in metadata.items():
+        field = key.rpartition(".")[2]
+        if field in ("target_modules", "exclude_modules") and isinstance(value, str):
+            if re.search(r"\b(qkv|proj)\b", value):
+                raise ValueError(
+                    f"this LoRA's {field} is the pattern {value!r}, written for the original attention names: "
+                    "SiTAttention's qkv is now to_q / to_k / to_v and proj is to_out.0; rewrite the pattern."
+                )
+        elif field in ("target_modules", "exclude_modules") and isinstance(value, (list, tuple, set)):
+            metadata[key] = list(dict.fromkeys(new for name in value for new in standard_attention_names(name)))
+        elif field in ("rank_pattern", "alpha_pattern") and isinstance(value, dict):
+            metadata[key] = {new: rank for name, rank in value.items() for new in standard_attention_names(name)}
+    return metadata
+
+
+def _accept_fused_layout(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """``load_state_dict`` pre-hook of `SiTAttention`: a state dict with the original's ``qkv`` / ``proj`` names (e.g.
+    a training checkpoint written before the rename) is split and renamed in place before torch matches keys."""
+    if f"{prefix}qkv.weight" in state_dict or f"{prefix}proj.weight" in state_dict:
+        split_fused_attention_keys(state_dict, prefix)
 
 
 class SiTAttention(nn.Module, AttentionModuleMixin):
-    """Multi-head self-attention with one fused qkv projection (q, k, v stacked in that order).
+    """Multi-head self-attention with diffusers' names: ``to_q``, ``to_k``, ``to_v``, ``to_out.0``.
 
     An `AttentionModuleMixin` with a processor, like diffusers' own attention modules, so the model-level
-    ``set_attention_backend`` / ``reset_attention_backend`` reach it. The weights keep their original names
-    (``qkv``, ``proj``, ``q_norm``, ``k_norm``), so converted checkpoints and LoRA targets are unchanged.
+    ``set_attention_backend``, ``set_attn_processor`` and ``fuse_qkv_projections`` reach it, and LoRA targets are
+    diffusers' usual ``to_q, to_k, to_v, to_out.0``. The original fuses q, k, v into one ``qkv`` Linear and calls
+    the output ``proj``: `split_fused_attention_keys` maps those names, and `load_state_dict` accepts them (a
+    pre-hook), so folders saved before the rename still load.
     """
 
     _default_processor_cls = SiTAttnProcessor
     _available_processors = [SiTAttnProcessor]
-    _supports_qkv_fusion = False  # the projection is fused already
+    _supports_qkv_fusion = True
+    is_cross_attention = False  # read by AttentionModuleMixin.fuse_projections
+    use_bias = True
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, processor: SiTAttnProcessor | None = None):
         super().__init__()
@@ -89,12 +187,15 @@ class SiTAttention(nn.Module, AttentionModuleMixin):
             raise ValueError(f"hidden_size {dim} must be divisible by num_attention_heads {num_heads}.")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
         # timm's Attention (used by the original) normalises q and k per head with an affine LayerNorm.
         self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
         self.set_processor(processor if processor is not None else self._default_processor_cls())
+        self.register_load_state_dict_pre_hook(_accept_fused_layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.processor(self, x)
@@ -150,7 +251,7 @@ class SiTTransformer2DModelOutput(BaseOutput):
     hidden_states: torch.Tensor | None = None
 
 
-class SiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class SiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
     r"""
     SiT (Scalable Interpolant Transformer), class-conditional, as trained by REPA and REPA-E.
 
@@ -169,7 +270,10 @@ class SiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         qk_norm (`bool`, defaults to False): Affine LayerNorm on queries and keys per head.
 
     LoRA adapters attach through diffusers' `PeftAdapterMixin` (``add_adapter``, ``save_lora_adapter``,
-    ``load_lora_adapter``); the natural targets are ``qkv``, ``proj``, ``fc1``, ``fc2`` and ``adaln_modulation``.
+    ``load_lora_adapter``); the natural targets are ``to_q``, ``to_k``, ``to_v``, ``to_out.0`` (diffusers' names),
+    ``fc1``, ``fc2`` and ``adaln_modulation``. Weights saved with the original's attention names (``attn.qkv``,
+    ``attn.proj``, as this package wrote them before adopting diffusers') still load: `from_pretrained` and
+    ``load_state_dict`` split and rename them.
     """
 
     _supports_gradient_checkpointing = True
@@ -213,8 +317,19 @@ class SiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     def initialize_weights(self) -> None:
         """The original SiT initialisation: xavier Linear layers, N(0, 0.02) embeddings, zeroed adaLN and output."""
+        attention_linears = set()
         for module in self.modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, SiTAttention):
+                # The original's one fused qkv Linear: xavier over the [3D, D] matrix (a narrower range than three
+                # [D, D] draws), drawn in one go so that a seed gives the original's numbers.
+                weight = module.to_q.weight
+                fused = torch.empty(3 * weight.shape[0], weight.shape[1], dtype=weight.dtype, device=weight.device)
+                nn.init.xavier_uniform_(fused)
+                for linear, part in zip((module.to_q, module.to_k, module.to_v), fused.chunk(3, dim=0)):
+                    linear.weight.data.copy_(part)
+                    nn.init.zeros_(linear.bias)
+                attention_linears.update([module.to_q, module.to_k, module.to_v])
+            elif isinstance(module, nn.Linear) and module not in attention_linears:
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         conv = self.patch_embed.weight.data
@@ -226,6 +341,45 @@ class SiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         for linear in [block.adaln_modulation for block in self.transformer_blocks] + [self.adaln_out, self.proj_out]:
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
+
+    def _fix_state_dict_keys_on_load(self, state_dict):
+        """diffusers' hook for renamed weights (single-file checkpoints): also the original's ``attn.qkv`` /
+        ``attn.proj`` -> ``to_q`` / ``to_k`` / ``to_v`` / ``to_out.0``."""
+        super()._fix_state_dict_keys_on_load(state_dict)
+        return split_fused_attention_keys(state_dict)
+
+    @classmethod
+    def _load_pretrained_model(cls, model, state_dict, resolved_model_file, pretrained_model_name_or_path,
+                               loaded_keys, *args, **kwargs):  # fmt: skip
+        """A sharded folder in the old attention layout: diffusers skips `_fix_state_dict_keys_on_load` for shards,
+        so the shards are read into one state dict and renamed here (a one-off cost; re-save to avoid it)."""
+        old_layout = any(re.search(r"\battn\.(qkv|proj)\.", key) for key in loaded_keys)
+        if state_dict is None and old_layout and kwargs.get("tp_shard_specs") is None:
+            logger.warning(f"{pretrained_model_name_or_path}: old attention names (attn.qkv/proj); re-save to update.")
+            state_dict = {}
+            for shard in resolved_model_file:
+                state_dict.update(load_state_dict(shard))
+            loaded_keys = list(split_fused_attention_keys(state_dict))
+        return super()._load_pretrained_model(
+            model, state_dict, resolved_model_file, pretrained_model_name_or_path, loaded_keys, *args, **kwargs
+        )
+
+    def load_lora_adapter(self, pretrained_model_name_or_path_or_dict, prefix="transformer", hotswap=False, **kwargs):
+        """diffusers' `PeftAdapterMixin.load_lora_adapter`; an adapter trained on the original attention names
+        (``qkv``, ``attn.proj``, as this package named them before adopting diffusers') is renamed first. A fused
+        ``qkv`` LoRA splits exactly: ``lora_B`` rows per q, k, v, the shared ``lora_A`` copied to each."""
+        metadata = kwargs.pop("metadata", None)
+        state_dict = pretrained_model_name_or_path_or_dict
+        if not isinstance(state_dict, dict):
+            from ..loaders.lora_pipeline import FETCH_KWARGS, RepaELoraLoaderMixin
+
+            fetch = {key: kwargs.pop(key) for key in FETCH_KWARGS if key in kwargs}
+            state_dict, stored = RepaELoraLoaderMixin.lora_state_dict(state_dict, return_lora_metadata=True, **fetch)
+            metadata = metadata if metadata is not None else stored
+        state_dict = split_fused_attention_keys(dict(state_dict))
+        return super().load_lora_adapter(
+            state_dict, prefix=prefix, hotswap=hotswap, metadata=standard_lora_metadata(metadata), **kwargs
+        )
 
     def embed_conditioning(
         self,

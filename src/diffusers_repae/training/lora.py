@@ -12,13 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from diffusers.utils import logging
 from peft import LoraConfig
 
 from ..loaders.lora_pipeline import grow_class_table, transformer_lora_state
-from ..models.transformer_sit import SiTTransformer2DModel
+from ..models.transformer_sit import SiTTransformer2DModel, standard_attention_names
 
-# Every Linear inside the transformer blocks: attention, MLP and the adaLN modulation.
-DEFAULT_LORA_TARGETS = ("qkv", "attn.proj", "fc1", "fc2", "adaln_modulation")
+logger = logging.get_logger(__name__)
+
+# Every Linear inside the transformer blocks: attention (diffusers' names), MLP and the adaLN modulation.
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "fc1", "fc2", "adaln_modulation")
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default name
 
 
@@ -44,11 +47,15 @@ def add_sit_lora(
     """Freeze the SiT, attach a LoRA adapter, and (with new classes) make only the new label rows trainable."""
     if rank < 1:
         raise ValueError(f"lora rank must be >= 1, got {rank}.")
+    targets = list(dict.fromkeys(new for name in target_modules for new in standard_attention_names(name)))
+    if targets != list(target_modules):
+        logger.warning(
+            f"LoRA targets {list(target_modules)}: SiT attention now uses diffusers' names (qkv -> to_q, to_k, to_v; "
+            f"proj -> to_out.0); training {targets}."
+        )
     sit.requires_grad_(False)
     first_new = grow_class_table(sit, num_new_classes)
-    config = LoraConfig(
-        r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=list(target_modules)
-    )
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=targets)
     sit.add_adapter(config)
     if num_new_classes:
         train_only_new_class_rows(sit, first_new)
