@@ -153,7 +153,7 @@ class RepaEPipeline(RepaEHubMixin, DiffusionPipeline, RepaELoraLoaderMixin):
         if isinstance(label, (int, str, np.integer)):
             labels = [label]
         elif isinstance(label, (list, tuple)):
-            labels = list(label)
+            labels = self._flatten_label_batch(label)
         else:
             raise TypeError(
                 f"class_labels: {type(label).__name__} is not accepted; allowed: an int, a class name, or a list, "
@@ -191,6 +191,44 @@ class RepaEPipeline(RepaEHubMixin, DiffusionPipeline, RepaELoraLoaderMixin):
         if not ids:
             raise ValueError("class_labels must name at least one class, got an empty list.")
         return ids
+
+    @staticmethod
+    def _images_per_label(num_images_per_prompt: int | None, num_images_per_label: int | None) -> int:
+        """``num_images_per_prompt`` (diffusers' name) or its older alias ``num_images_per_label``; 1 by default."""
+        if None not in (num_images_per_prompt, num_images_per_label) and num_images_per_prompt != num_images_per_label:
+            raise ValueError(
+                f"num_images_per_prompt={num_images_per_prompt!r} and num_images_per_label={num_images_per_label!r} "
+                "disagree; they are the same setting (num_images_per_label is the older name): pass one."
+            )
+        name = "num_images_per_label" if num_images_per_prompt is None else "num_images_per_prompt"
+        value = num_images_per_label if num_images_per_prompt is None else num_images_per_prompt
+        value = 1 if value is None else value
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        return int(value)
+
+    @staticmethod
+    def _flatten_label_batch(labels: list | tuple) -> list:
+        """A list of labels, or a list of such lists one level deep (``[[1], [1]]``: one list per prompt, as DiT's
+        callers and diffusers' batch test helpers pass them), flattened in order. Deeper nesting, or lists mixed
+        with plain labels, would be ambiguous: a ValueError."""
+        nested = [isinstance(item, (list, tuple)) for item in labels]
+        if not any(nested):
+            return list(labels)
+        if not all(nested):
+            raise ValueError(
+                f"class_labels: {labels!r} mixes lists with single labels; allowed: a list of labels, or a list of "
+                "lists of labels (one level of nesting, e.g. [[1], [2, 3]])."
+            )
+        flat = []
+        for inner in labels:
+            if not inner or any(isinstance(item, (list, tuple)) for item in inner):
+                raise ValueError(
+                    f"class_labels: the inner list {inner!r} is {'empty' if not inner else 'nested again'}; allowed: "
+                    "one level of nesting, each inner list naming at least one class (e.g. [[1], [2, 3]])."
+                )
+            flat.extend(inner)
+        return flat
 
     def check_inputs(
         self,
@@ -312,7 +350,7 @@ class RepaEPipeline(RepaEHubMixin, DiffusionPipeline, RepaELoraLoaderMixin):
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         guidance_interval: Sequence[float] | None = None,
-        num_images_per_label: int = 1,
+        num_images_per_label: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         sampler: str | None = None,
@@ -321,13 +359,15 @@ class RepaEPipeline(RepaEHubMixin, DiffusionPipeline, RepaELoraLoaderMixin):
         return_dict: bool = True,
         callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        num_images_per_prompt: int | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""
         Generate images of the given classes.
 
         Args:
             class_labels (`int`, `str` or a list of them): Class ids or names (case-insensitive, any synonym in
-                ``pipe.id2label``). One image per label (times ``num_images_per_label``).
+                ``pipe.id2label``), or a list of such lists (one level, flattened). One image per label (times
+                ``num_images_per_prompt``).
             num_inference_steps (`int`, *optional*): Sampler steps; the model card's value when omitted. Heun uses
                 ``2N - 1`` model evaluations, Euler and Euler-Maruyama ``N``.
             guidance_scale (`float`, *optional*): Classifier-free guidance ``v_u + s (v_c - v_u)`` with the null
@@ -336,7 +376,7 @@ class RepaEPipeline(RepaEHubMixin, DiffusionPipeline, RepaELoraLoaderMixin):
                 ``low <= t <= high``; outside, the unconditional pass is skipped. Heun's corrector evaluation at
                 ``t_{i+1}`` is guided when its step's start ``t_i`` is, as in the original. The model card's when
                 omitted.
-            num_images_per_label (`int`, defaults to 1): Images per label (consecutive in the output).
+            num_images_per_label (`int`, *optional*): The former name of ``num_images_per_prompt``; still accepted.
             generator (`torch.Generator` or a list, one per image, *optional*): Draws the initial noise and, for
                 the SDE, the Brownian increments; the same generator reproduces a run.
             latents (`torch.Tensor`, *optional*): Initial noise ``[B, C, S, S]`` in normalised latent space;
@@ -357,6 +397,8 @@ class RepaEPipeline(RepaEHubMixin, DiffusionPipeline, RepaELoraLoaderMixin):
                 model evaluation; may replace ``latents``.
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*): Tensors passed to the callback
                 (``["latents"]``).
+            num_images_per_prompt (`int`, defaults to 1): Images per label (consecutive in the output); diffusers'
+                standard name, a label being this pipeline's prompt.
 
         Examples:
 
@@ -379,8 +421,7 @@ class RepaEPipeline(RepaEHubMixin, DiffusionPipeline, RepaELoraLoaderMixin):
             sampling_dtype,
             callback_on_step_end_tensor_inputs,
         )
-        if not isinstance(num_images_per_label, int) or num_images_per_label < 1:
-            raise ValueError(f"num_images_per_label must be an integer >= 1, got {num_images_per_label!r}.")
+        num_images_per_prompt = self._images_per_label(num_images_per_prompt, num_images_per_label)
         self._guidance_scale = float(guidance_scale)
         self._interrupt = False
         low, high = (float(v) for v in guidance_interval)
@@ -388,7 +429,7 @@ class RepaEPipeline(RepaEHubMixin, DiffusionPipeline, RepaELoraLoaderMixin):
         device = self._execution_device
 
         # 2. Labels (and the null class for guidance)
-        label_ids = [i for i in self.get_label_ids(class_labels) for _ in range(num_images_per_label)]
+        label_ids = [i for i in self.get_label_ids(class_labels) for _ in range(num_images_per_prompt)]
         labels = torch.tensor(label_ids, device=device, dtype=torch.long)
         null_labels = torch.full_like(labels, self.transformer.config.num_classes)
         batch_size = len(label_ids)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import diffusers
 import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -41,6 +42,16 @@ class FlowMatchSchedulerOutput(BaseOutput):
     prev_sample: torch.Tensor
 
 
+# Schedulers of the same model (velocity on the linear flow path, t = 1 noise): diffusers' own and this package's.
+# ``SchedulerClass.from_config(pipe.scheduler.config)`` with any of them gives a working sampler.
+FLOW_MATCH_COMPATIBLES = [
+    "FlowMatchEulerDiscreteScheduler",
+    "FlowMatchHeunDiscreteScheduler",
+    "FlowMatchEulerMaruyamaScheduler",
+    "FlowMatchHeunScheduler",
+]
+
+
 class _StepIndexMixin:
     """diffusers' step-index bookkeeping (``step_index``, ``begin_index``), shared by this package's schedulers."""
 
@@ -48,17 +59,20 @@ class _StepIndexMixin:
     _begin_index: int | None = None
 
     @classmethod
-    def extract_init_dict(cls, config_dict, **kwargs):
-        """``from_config`` of a sibling scheduler's config (e.g. Heun from Euler-Maruyama's, as documented) drops
-        the sibling's own settings quietly, as diffusers does for its own schedulers, instead of warning."""
-        import inspect
+    def _get_compatibles(cls) -> list[type]:
+        """diffusers' ``compatibles`` looks ``_compatibles`` up in the diffusers package only; this package's names
+        are found among this mixin's subclasses (so also in a saved folder's ``trust_remote_code`` copy).
 
-        name = config_dict.get("_class_name")  # absent in the config of a scheduler that was never saved
-        siblings = [c for c in _StepIndexMixin.__subclasses__() if c is not cls and name in (None, c.__name__)]
-        own = set(inspect.signature(cls.__init__).parameters)
-        extra = {k for c in siblings for k in inspect.signature(c.__init__).parameters} - own
-        config_dict = {k: v for k, v in config_dict.items() if k not in extra}
-        return super().extract_init_dict(config_dict, **kwargs)
+        ``compatibles`` is also what makes ``from_config`` of a compatible scheduler's config (Heun from
+        Euler-Maruyama's, as documented) drop that scheduler's own settings quietly instead of warning.
+        """
+        ours = {c.__name__: c for c in _StepIndexMixin.__subclasses__()} | {cls.__name__: cls}
+        names = dict.fromkeys([cls.__name__, *cls._compatibles])
+        return [
+            ours[name] if name in ours else getattr(diffusers, name)
+            for name in names
+            if name in ours or hasattr(diffusers, name)
+        ]
 
     @property
     def step_index(self) -> int | None:
@@ -132,6 +146,7 @@ class FlowMatchEulerMaruyamaScheduler(_StepIndexMixin, SchedulerMixin, ConfigMix
             --path_type``), ``"linear"`` or ``"cosine"``: it decides the score recovered from the velocity.
     """
 
+    _compatibles = [name for name in FLOW_MATCH_COMPATIBLES if name != "FlowMatchEulerMaruyamaScheduler"]
     order = 1
     init_noise_sigma = 1.0
 

@@ -21,6 +21,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .grids import given_start_times
 from .scheduling_flow_match_euler_maruyama import (
+    FLOW_MATCH_COMPATIBLES,
     FlowMatchEulerMaruyamaScheduler,
     FlowMatchSchedulerOutput,
     _StepIndexMixin,
@@ -51,6 +52,7 @@ class FlowMatchHeunScheduler(_StepIndexMixin, SchedulerMixin, ConfigMixin):
         num_train_timesteps (`int`, defaults to 1000): Scale of ``timesteps`` (``t * num_train_timesteps``).
     """
 
+    _compatibles = [name for name in FLOW_MATCH_COMPATIBLES if name != "FlowMatchHeunScheduler"]
     order = 2
     init_noise_sigma = 1.0
 
