@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install test test-all demo quality style bench study clean
+.PHONY: install test test-all demo app quality style bench study clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,12 @@ test: install
 
 demo: install
 	$(PY) training/demo.py
+
+# The web page (app.py) on http://127.0.0.1:7860 for demo/pipeline (after make demo); another pipeline, a recipe or
+# other flags: make app APP_ARGS="tiny-cpu --port 7861" (a Hub id: make app HF_HUB_OFFLINE=0 APP_ARGS=user/repo).
+APP_ARGS ?=
+app: install
+	$(PY) app.py $(APP_ARGS)
 
 quality: install
 	$(VENV)/bin/ruff check src training conversion benchmarks tests
