@@ -289,9 +289,9 @@ def build_demo(loaded: Loaded) -> gr.Blocks:
             with gr.Column(scale=2):
                 gr.Markdown(card_markdown(loaded))
         gallery = gr.Gallery(
-            label="Images", format="png", columns=8, object_fit="contain", buttons=["download", "fullscreen"]
+            label="Images", format="png", columns=8, buttons=["download", "fullscreen"], elem_id="gallery"
         )
-        snippet = gr.Code(label="Python that reproduces these images", language="python")
+        snippet = gr.Code(label="Python that reproduces these images", language="python", elem_id="snippet")
         inputs = [classes, sampler, steps, guidance, low_slider, high_slider, seed, per_class]
         button.click(on_generate, inputs, [gallery, snippet], api_name="generate")
     return demo.queue(default_concurrency_limit=1, max_size=32)
