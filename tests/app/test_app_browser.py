@@ -7,6 +7,7 @@ Set APP_SCREENSHOT=docs/app.png to write the page's screenshot after generating 
 
 import ast
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -148,3 +149,12 @@ def test_gradio_client_gets_what_the_snippet_reproduces(server, tmp_path):
 
     with pytest.raises(client_module.exceptions.AppError, match="pick at least one class"):
         client.predict([], "sde", 3, 2.0, 0.0, 1.0, 0, 1, api_name="/generate")
+
+
+def test_page_shows_the_sampling_progress(page):
+    """The progress bar follows the pipeline's step callback: '<done>/<total> model evaluations' while sampling."""
+    set_number(page, "Steps", "1000")
+    set_number(page, "Images per class", "8")
+    page.get_by_role("button", name="Generate").click()
+    page.get_by_text(re.compile(r"sampling.*\b\d+/1000 model evaluations")).first.wait_for()
+    page.wait_for_function("document.querySelectorAll('#gallery img[alt]').length == 8")
