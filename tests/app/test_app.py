@@ -7,9 +7,9 @@ import types
 import numpy as np
 import pytest
 import torch
-from tiny_app_pipeline import ID2LABEL, IMAGE_SIZE, tiny_pipeline
+from tiny_app_pipeline import IMAGE_SIZE
 
-from diffusers_repae import RepaEPipeline
+from diffusers_repae import RepaEPipeline, load_imagenet_id2label
 from diffusers_repae.schedulers import SAMPLERS
 
 
@@ -44,7 +44,8 @@ def snippet_arguments(call: ast.Call) -> dict:
 def test_saved_folder_loads_with_its_model_card(app, loaded, pipeline_folder):
     assert not loaded.random_weights
     assert loaded.source == str(pipeline_folder.resolve())
-    assert isinstance(loaded.pipe, RepaEPipeline) and loaded.pipe.id2label == ID2LABEL
+    assert isinstance(loaded.pipe, RepaEPipeline)
+    assert loaded.pipe.id2label == {int(k): v for k, v in load_imagenet_id2label().items()}
     assert loaded.card["recipe"] == "emoji-cpu"
     assert loaded.card["training data"] == "openmoji:group"
     assert loaded.card["licence"] == "cc-by-sa-4.0"  # the OpenMoji data's share-alike licence, from the front matter
@@ -107,17 +108,12 @@ def test_main_serves_the_demo_pipeline_by_default(app, pipeline_folder, monkeypa
 
 
 def test_class_choices_cover_every_class_and_every_synonym(app, loaded):
+    """1000 ImageNet classes (the names ship with the package), each found by any of its names."""
     choices = app.class_choices(loaded.pipe)
-    assert [value for _, value in choices] == list(range(4))
+    assert [value for _, value in choices] == list(range(1000)) and choices[207] == ("207: golden retriever", 207)
     by_synonym = {name.strip(): value for label, value in choices for name in label.split(":", 1)[1].split(",")}
-    assert by_synonym["tabby cat"] == 3 and by_synonym["Carassius auratus"] == 1 and by_synonym["tench"] == 0
-
-
-def test_imagenet_pipelines_list_the_1000_names(app):
-    pipe = tiny_pipeline(num_classes=1000, id2label=None)  # 1000 classes: the ImageNet names that ship with us
-    choices = app.class_choices(pipe)
-    assert len(choices) == 1000 and choices[207] == ("207: golden retriever", 207)
-    assert app.class_name(pipe, 281) == "tabby"  # the first synonym captions the gallery
+    assert by_synonym["tabby cat"] == 281 and by_synonym["Carassius auratus"] == 1 and by_synonym["tench"] == 0
+    assert app.class_name(loaded.pipe, 281) == "tabby"  # the first name captions the gallery
 
 
 def test_sampler_choices_are_the_loaded_scheduler_and_every_named_sampler(app, loaded):
@@ -130,9 +126,9 @@ def test_call_arguments_are_the_pipeline_keywords(app, loaded):
     pipe = loaded.pipe
     per_class = app.images_per_class_argument(pipe)
     assert per_class in inspect.signature(pipe.__call__).parameters  # whichever name the pipeline takes
-    arguments = app.call_arguments(pipe, [3, 1], "heun", 7, 2.5, 0.1, 0.9, 2)
+    arguments = app.call_arguments(pipe, [281, 1], "heun", 7, 2.5, 0.1, 0.9, 2)
     assert arguments == {
-        "class_labels": [3, 1],
+        "class_labels": [281, 1],
         "num_inference_steps": 7,
         "guidance_scale": 2.5,
         "guidance_interval": (0.1, 0.9),
@@ -168,7 +164,7 @@ def test_bad_seeds_are_refused(app, seed):
 
 
 def test_snippet_states_the_exact_arguments(app, loaded, pipeline_folder):
-    arguments = app.call_arguments(loaded.pipe, [2, 3], "euler", 5, 3.0, 0.2, 0.7, 2)
+    arguments = app.call_arguments(loaded.pipe, [207, 281], "euler", 5, 3.0, 0.2, 0.7, 2)
     snippet = app.python_snippet(loaded, arguments, seed=1234)
     names, call = snippet_calls(snippet)
     assert "RepaEPipeline.from_pretrained" in names and "RepaEPipeline.from_recipe" not in names
@@ -181,7 +177,7 @@ def test_gallery_images_are_what_the_pipeline_gives_for_the_snippet_arguments(ap
     """Every sampler choice: generate()'s images equal pipe(**the snippet's arguments, generator=seeded)."""
     pipe = loaded.pipe
     for sampler in [app.AS_SAVED, *SAMPLERS]:
-        arguments = app.call_arguments(pipe, [1, 3], sampler, 3, 2.0, 0.0, 0.8, 2)
+        arguments = app.call_arguments(pipe, [1, 281], sampler, 3, 2.0, 0.0, 0.8, 2)
         reports = []
         gallery = app.generate(
             loaded, arguments, seed=5, progress=lambda value, reports=reports, **kw: reports.append(value)

@@ -92,7 +92,7 @@ def set_number(page, label: str, value: str) -> None:
 
 
 def test_page_generates_the_picked_classes(page, server, tmp_path):
-    pick_class(page, "tabby cat", "3: tabby, tabby cat")  # found by a synonym; class 0 stays picked by default
+    pick_class(page, "tabby cat", "281: tabby, tabby cat")  # found by a synonym; class 0 stays picked by default
     set_number(page, "Images per class", "2")
     set_number(page, "Seed", "11")
     page.get_by_role("button", name="Generate").click()
@@ -104,7 +104,7 @@ def test_page_generates_the_picked_classes(page, server, tmp_path):
         images.nth(i).evaluate("img => img.decode()")
         assert images.nth(i).evaluate("img => [img.naturalWidth, img.naturalHeight]") == [IMAGE_SIZE, IMAGE_SIZE]
     snippet = page.locator("#snippet .cm-content").inner_text()
-    assert "class_labels=[0, 3]" in snippet and "num_images_per_" in snippet and "manual_seed(11)" in snippet
+    assert "class_labels=[0, 281]" in snippet and "num_images_per_" in snippet and "manual_seed(11)" in snippet
     screenshot = Path(os.environ.get("APP_SCREENSHOT") or tmp_path / "app.png")
     page.screenshot(path=screenshot, full_page=True)
     assert Image.open(screenshot).width >= 1280
@@ -131,9 +131,9 @@ def test_gradio_client_gets_what_the_snippet_reproduces(server, tmp_path):
     client_module = pytest.importorskip("gradio_client", reason="gradio_client is not installed (the [test] extra)")
     url, loaded = server
     client = client_module.Client(url, verbose=False, download_files=str(tmp_path))
-    gallery, snippet = client.predict([2, 1], "heun", 3, 2.0, 0.1, 0.9, 7, 2, api_name="/generate")
+    gallery, snippet = client.predict([207, 1], "heun", 3, 2.0, 0.1, 0.9, 7, 2, api_name="/generate")
     arguments, seed = snippet_call_arguments(snippet)
-    assert arguments["class_labels"] == [2, 1] and arguments["sampler"] == "heun" and seed == 7
+    assert arguments["class_labels"] == [207, 1] and arguments["sampler"] == "heun" and seed == 7
     assert arguments["guidance_interval"] == (0.1, 0.9) and arguments["num_inference_steps"] == 3
     expected = loaded.pipe(**arguments, generator=torch.Generator().manual_seed(seed)).images
     assert [item["caption"] for item in gallery] == [

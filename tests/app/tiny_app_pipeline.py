@@ -5,13 +5,14 @@ from diffusers import AutoencoderKL
 
 from diffusers_repae import FlowMatchEulerMaruyamaScheduler, RepaEPipeline, SiTTransformer2DModel
 
-# Names chosen to be searched for: a class found by a synonym ("tabby cat") and a prefix shared by two ("gold").
-ID2LABEL = {0: "tench, Tinca tinca", 1: "goldfish, Carassius auratus", 2: "golden retriever", 3: "tabby, tabby cat"}
 IMAGE_SIZE = 32  # 8x8 latents, a VAE with 3 levels (2 halvings)
 
 
-def tiny_pipeline(num_classes: int = 4, id2label: dict | None = ID2LABEL) -> RepaEPipeline:
-    """A 2-block SiT of width 32 on 8x8x4 latents and a 3-level VAE: 32 px images in well under a second."""
+def tiny_pipeline(num_classes: int = 1000, id2label: dict | None = None) -> RepaEPipeline:
+    """A 2-block SiT of width 32 on 8x8x4 latents and a 3-level VAE: 32 px images in well under a second.
+
+    1000 classes by default, so the pipeline has the ImageNet names: the page's class picker at its real size.
+    """
     torch.manual_seed(0)
     sit = SiTTransformer2DModel(
         sample_size=8,
