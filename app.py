@@ -168,21 +168,16 @@ def images_per_class_argument(pipe: RepaEPipeline) -> str:
 
 
 def call_arguments(
-    pipe: RepaEPipeline,
-    class_ids: list[int],
-    sampler: str,
-    steps: float,
-    guidance_scale: float,
-    low: float,
-    high: float,
-    images_per_class: float,
+    pipe: RepaEPipeline, class_ids, sampler, steps, guidance_scale, low, high, images_per_class
 ) -> dict:
-    """The exact keyword arguments of ``pipe(...)`` for the page's settings (the generator aside)."""
+    """The exact keyword arguments of ``pipe(...)`` for the page's values (the generator aside)."""
     if not class_ids:
         raise UserError("pick at least one class: type a name into the class box.")
     if steps is None or steps != int(steps) or steps < 1:
         raise UserError(f"steps must be a whole number >= 1, got {steps}.")
-    if not 0 <= low <= high <= 1:
+    if guidance_scale is None:
+        raise UserError("guidance scale: give a number (1 = no guidance).")
+    if low is None or high is None or not 0 <= low <= high <= 1:
         raise UserError(f"guidance interval: need 0 <= from <= to <= 1, got from {low} to {high}.")
     if images_per_class is None or images_per_class != int(images_per_class) or images_per_class < 1:
         raise UserError(f"images per class must be a whole number >= 1, got {images_per_class}.")
@@ -300,23 +295,13 @@ def build_demo(loaded: Loaded) -> gr.Blocks:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="A web page (Gradio) to try a REPA-E pipeline.")
     parser.add_argument(
-        "pipeline",
-        nargs="?",
-        default=None,
-        help="A RepaEPipeline.save_pretrained folder, a recipe name (random weights) or a Hub id. "
-        "Default: demo/pipeline, written by `make demo`.",
-    )
-    parser.add_argument(
-        "--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), help="Port (default 7860)."
-    )
-    parser.add_argument(
-        "--host",
-        default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-        help="Address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 serves the network).",
-    )
-    parser.add_argument(
-        "--share", action="store_true", help="Also open a public gradio.live link (off by default; needs the network)."
-    )
+        "pipeline", nargs="?", default=None, help="A RepaEPipeline.save_pretrained folder, a recipe name (random "
+        "weights) or a Hub id. Default: demo/pipeline, written by `make demo`.",
+    )  # fmt: skip
+    port, host = int(os.environ.get("GRADIO_SERVER_PORT", 7860)), os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
+    parser.add_argument("--port", type=int, default=port, help="Port to serve on (default 7860).")
+    parser.add_argument("--host", default=host, help="Address to listen on (default 127.0.0.1: this machine only).")
+    parser.add_argument("--share", action="store_true", help="Also open a public gradio.live link (off by default).")
     return parser.parse_args(argv)
 
 

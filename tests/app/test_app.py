@@ -89,6 +89,8 @@ def test_bad_sources_are_one_line_user_errors(app, tmp_path, monkeypatch):
 def test_main_serves_the_demo_pipeline_by_default(app, pipeline_folder, monkeypatch):
     """`make app` = `python app.py`: demo/pipeline when it exists, the CLI's host/port/share reach launch()."""
     monkeypatch.setattr(app, "DEMO_PIPELINE", pipeline_folder)
+    monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)  # the defaults below are the flags' own
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
     launched = {}
 
     def fake_build_demo(loaded):
@@ -146,6 +148,8 @@ def test_call_arguments_are_the_pipeline_keywords(app, loaded):
         ({"steps": 2.5}, "steps must be a whole number >= 1"),
         ({"low": 0.9, "high": 0.1}, "need 0 <= from <= to <= 1"),
         ({"high": 1.5}, "need 0 <= from <= to <= 1"),
+        ({"high": None}, "need 0 <= from <= to <= 1"),
+        ({"guidance_scale": None}, "guidance scale: give a number"),
         ({"images_per_class": 0}, "images per class must be a whole number"),
         ({"class_ids": [0, 1, 2, 3], "images_per_class": 17}, "68 images asked for; at most 64"),
     ],
