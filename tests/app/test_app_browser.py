@@ -149,6 +149,12 @@ def test_gradio_client_gets_what_the_snippet_reproduces(server, tmp_path):
         assert image.size == (IMAGE_SIZE, IMAGE_SIZE)
         np.testing.assert_array_equal(np.asarray(image.convert("RGB")), np.asarray(reference))
 
+    # users at the same time wait in the queue (one generation at a time) and all get their images
+    jobs = [client.submit([0], "sde", 20, 2.0, 0.0, 1.0, seed, 4, api_name="/generate") for seed in range(3)]
+    results = [job.result(timeout=TIMEOUT_MS / 1000) for job in jobs]
+    assert [len(gallery) for gallery, _ in results] == [4, 4, 4]
+    assert [f"manual_seed({seed})" in snippet for seed, (_, snippet) in enumerate(results)] == [True] * 3
+
     with pytest.raises(client_module.exceptions.AppError, match="pick at least one class"):
         client.predict([], "sde", 3, 2.0, 0.0, 1.0, 0, 1, api_name="/generate")
 
