@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
         label_column=args.label_column,
         resolution=args.resolution,
     )
-    print(f"      {len(data.dataset)} images, {data.num_classes} classes ({data.source})")
+    print(f"      {data.describe_size()}, {data.num_classes} classes ({data.source})")
     if data.attribution:
         print(f"      {data.attribution}")
 

@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> Path:
         "sit_trainable": sum(p.numel() for p in unwrapped.parameters() if p.requires_grad),
         "projector": sum(p.numel() for p in accelerator.unwrap_model(projector).parameters()),
     }
-    logger.info(f"***** LDM training: {num_params}, {len(data.dataset)} samples, {len(id2label)} classes *****")
+    logger.info(f"***** LDM training: {num_params}, {data.describe_size()}, {len(id2label)} classes *****")
 
     def step_fn(batch: dict, step: int) -> dict:
         if label_offset:

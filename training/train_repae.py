@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> Path:
         "vae": sum(p.numel() for p in vae.parameters()),
         "discriminator": sum(p.numel() for p in accelerator.unwrap_model(discriminator).parameters()),
     }
-    logger.info(f"***** REPA-E training: {num_params}, {len(data.dataset)} images, {data.num_classes} classes *****")
+    logger.info(f"***** REPA-E training: {num_params}, {data.describe_size()}, {data.num_classes} classes *****")
     logger.info(
         f"  global batch {global_batch_size(args, accelerator.num_processes)} = {accelerator.num_processes} "
         f"processes x {per_process} x "

@@ -104,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def validation_batch(data, count: int) -> torch.Tensor:
     """The first ``count`` training images (uint8 ``[N, 3, H, W]``): the same ones at every validation."""
     images = []
-    for i, sample in enumerate(data.dataset):
+    for i, sample in enumerate(data.dataset.from_start()):
         if i >= count:
             break
         images.append(sample["pixel_values"])
@@ -120,8 +120,7 @@ def save_reconstructions(vae, images: torch.Tensor, path: Path) -> None:
 def measured_latent_stats(args, vae, data):
     """Per-channel statistics of the trained VAE's posterior samples over the (first N) training images, in dataset
     order with epoch 0's flips (the same images whenever training stopped)."""
-    data.dataset.set_epoch(0)
-    loader = torch.utils.data.DataLoader(data.dataset, batch_size=64, shuffle=False, num_workers=0)
+    loader = torch.utils.data.DataLoader(data.dataset.from_start(), batch_size=64, shuffle=False, num_workers=0)
     generator = torch.Generator().manual_seed(args.seed)
     return dataset_latent_stats(vae, loader, generator=generator, max_images=args.latent_stats_images or None)
 

@@ -24,17 +24,19 @@ Deterministic order and exact resume (map-style). The training script must:
    ``epoch = batches_done // len(dataloader)`` and iterate
    ``accelerator.skip_first_batches(dataloader, batches_done % len(dataloader))`` for that first epoch.
 
-Streaming datasets are sharded with ``datasets.distributed.split_dataset_by_node`` and shuffled with a buffer
-(seeded; ``set_epoch`` reshuffles). For resume, save ``data.dataset.state_dict()`` per process in the checkpoint
-and restore it with ``load_state_dict`` (``datasets`` restores the position in the source; the samples that sat in
-the shuffle buffer, at most ``shuffle_buffer_size`` per process, are dropped; use ``num_workers=0`` or torchdata's
-StatefulDataLoader for this).
+Streaming datasets are sharded per process with ``datasets.distributed.split_dataset_by_node`` (disjoint) and
+shuffled in seeded windows (`StreamingImageLabelDataset`); a new epoch starts when a process's stream ends. For
+exact resume, save ``data.dataset.state_dict()`` per process in the checkpoint and restore it with
+``load_state_dict`` before the first epoch, whose number then comes from ``data.dataset.epoch``. The position is
+the main process's, so stream with ``num_workers=0`` (workers would read ahead of it).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import io
+import itertools
 import random
 import threading
 from collections import Counter
@@ -190,6 +192,12 @@ class ImageLabelDataset(torch.utils.data.Dataset):
         """Changes the flip pattern per epoch (call it from the training loop, see the module docstring)."""
         self.epoch = epoch
 
+    def from_start(self) -> ImageLabelDataset:
+        """The dataset as epoch 0 sees it, for reading outside training (validation images, statistics)."""
+        view = copy.copy(self)
+        view.epoch = 0
+        return view
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         for offset in range(min(self.max_consecutive_bad, len(self.dataset))):
             position = (index + offset) % len(self.dataset)
@@ -216,8 +224,18 @@ class ImageLabelDataset(torch.utils.data.Dataset):
         )  # fmt: skip
 
 
+_STREAM_START = {"source": None, "window": 0, "used": 0}  # a stream position: see StreamingImageLabelDataset
+
+
 class StreamingImageLabelDataset(torch.utils.data.IterableDataset):
-    """Iterable wrapper over a (sharded, shuffled) ``datasets.IterableDataset``; drops bad files and counts them."""
+    """Iterable wrapper over a (sharded) ``datasets.IterableDataset``: shuffles, decodes, drops bad files and counts
+    them, and knows its exact position for checkpoints.
+
+    The stream is shuffled in consecutive windows of ``window_size`` rows, each with its own permutation drawn from
+    ``(seed, epoch, window)``. A position is then ``(the source's state at the window's start, rows of the window
+    used)``, so a resumed run re-reads at most one window and continues with exactly the rows an uninterrupted run
+    would have seen. (``datasets``' own buffer shuffle cannot do this: its buffer is dropped on resume.)
+    """
 
     def __init__(
         self,
@@ -228,44 +246,81 @@ class StreamingImageLabelDataset(torch.utils.data.IterableDataset):
         random_flip: bool = False,
         seed: int = 0,
         min_side: int = 8,
+        window_size: int = DEFAULT_SHUFFLE_BUFFER,
     ) -> None:
         from datasets import Image as ImageFeature
 
+        if window_size < 1:
+            raise ValueError(f"shuffle_buffer_size must be >= 1, got {window_size!r}.")
         self.dataset = hf_dataset.cast_column(image_column, ImageFeature(decode=False))
         self.image_column, self.label_column = image_column, label_column
         self.resolution, self.random_flip, self.seed, self.min_side = resolution, random_flip, seed, min_side
+        self.window_size = window_size
         self.epoch = 0
+        self._position = _STREAM_START
         self.counter = SkipCounter()
 
     def set_epoch(self, epoch: int) -> None:
-        """Reshuffles the stream (``datasets`` derives the shuffle seed from seed + epoch)."""
+        """Starts epoch ``epoch`` at the beginning of the stream (a new permutation per window); the current epoch
+        keeps its position, so calling this right after a resume changes nothing."""
+        if epoch != self.epoch:
+            self._position = _STREAM_START
         self.epoch = epoch
         self.dataset.set_epoch(epoch)
 
+    def from_start(self) -> StreamingImageLabelDataset:
+        """An independent stream from the start of epoch 0, for reading outside training (validation images,
+        statistics) without moving the training position."""
+        view = copy.copy(self)
+        view.dataset = copy.deepcopy(self.dataset)
+        view.epoch, view._position = 0, _STREAM_START
+        view.dataset.set_epoch(0)
+        return view
+
     def state_dict(self) -> dict:
-        """Stream position (``datasets.IterableDataset.state_dict``) for checkpoints; the buffer is not kept."""
-        return self.dataset.state_dict()
+        """The exact stream position (JSON-serialisable) for checkpoints."""
+        return {"epoch": self.epoch, **self._position}
 
     def load_state_dict(self, state: dict) -> None:
-        self.dataset.load_state_dict(state)
+        if "examples_iterable" in state:  # saved before windows existed: only the source's position is known
+            state = {"epoch": state.get("epoch", 0), "source": state, "window": 0, "used": 0}
+        self.epoch = int(state["epoch"])
+        self.dataset.set_epoch(self.epoch)
+        self._position = {"source": state["source"], "window": int(state["window"]), "used": int(state["used"])}
+
+    def _window_order(self, window: int, length: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch, window]).permutation(length)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        start = self._position
+        if start["source"] is not None:
+            self.dataset.load_state_dict(start["source"])
+        rows = iter(self.dataset)
+        window_source, window, used = start["source"], start["window"], start["used"]
         pending_bad = 0
-        for index, row in enumerate(self.dataset):
-            try:
-                image = decode_image(row[self.image_column], self.min_side, self.counter)
-            except BadImageError as error:
-                self.counter.skip(error.reason)
-                pending_bad += 1
-                continue
-            flip = self.random_flip and _flip_decision(self.seed, self.epoch, index)
-            label = int(row[self.label_column]) if self.label_column else 0
-            yield {
-                "pixel_values": _process(image, self.resolution, flip),
-                "labels": torch.tensor(label, dtype=torch.int64),
-                "num_skipped": torch.tensor(pending_bad, dtype=torch.int64),
-            }
-            pending_bad = 0
+        while rows_of_window := list(itertools.islice(rows, self.window_size)):
+            next_source = self.dataset.state_dict()  # taken before anything of this window is yielded
+            order = self._window_order(window, len(rows_of_window))
+            for slot in range(used, len(rows_of_window)):
+                self._position = {"source": window_source, "window": window, "used": slot + 1}
+                row = rows_of_window[order[slot]]
+                try:
+                    image = decode_image(row[self.image_column], self.min_side, self.counter)
+                except BadImageError as error:
+                    self.counter.skip(error.reason)
+                    pending_bad += 1
+                    continue
+                index = window * self.window_size + slot  # the row's place in this epoch's shuffled stream
+                flip = self.random_flip and _flip_decision(self.seed, self.epoch, index)
+                label = int(row[self.label_column]) if self.label_column else 0
+                yield {
+                    "pixel_values": _process(image, self.resolution, flip),
+                    "labels": torch.tensor(label, dtype=torch.int64),
+                    "num_skipped": torch.tensor(pending_bad, dtype=torch.int64),
+                }
+                pending_bad = 0
+            window_source, window, used = next_source, window + 1, 0
+        self._position = _STREAM_START  # the stream is used up; the next epoch starts from its beginning
 
 
 @dataclass
@@ -279,6 +334,13 @@ class TrainingData:
     streaming: bool = False
     attribution: str | None = None  # licence text to carry into READMEs / model cards (OpenMoji)
     extra: dict = field(default_factory=dict)
+    num_examples: int | None = None  # images in the split (all processes); None: a stream of unknown length
+
+    def describe_size(self) -> str:
+        """For logs: '1,281,167 images' or, for a stream without split sizes in its metadata, 'unknown'."""
+        if self.num_examples is None:
+            return "an unknown number of images (streamed; the dataset's metadata gives no split size)"
+        return f"{self.num_examples:,} images" + (" (streamed)" if self.streaming else "")
 
     @property
     def counter(self) -> SkipCounter:
@@ -370,15 +432,23 @@ def load_training_dataset(
     if streaming:
         from datasets.distributed import split_dataset_by_node
 
-        hf_dataset = hf_dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
-        if num_processes > 1:
+        num_examples = _split_size(hf_dataset, split)
+        if num_processes > 1:  # disjoint: whole shards per process when they divide evenly, else every n-th row
             hf_dataset = split_dataset_by_node(hf_dataset, rank=process_index, world_size=num_processes)
         dataset = StreamingImageLabelDataset(
-            hf_dataset, image_column, label_column, resolution, random_flip, seed, min_side
+            hf_dataset, image_column, label_column, resolution, random_flip, seed, min_side, shuffle_buffer_size
         )
     else:
         dataset = ImageLabelDataset(hf_dataset, image_column, label_column, resolution, random_flip, seed, min_side)
-    return TrainingData(dataset, num_classes, id2label, source, streaming, attribution, extra)
+        num_examples = len(dataset)
+    return TrainingData(dataset, num_classes, id2label, source, streaming, attribution, extra, num_examples)
+
+
+def _split_size(hf_dataset, split: str) -> int | None:
+    """The split's size from the dataset's metadata (known for the Hub's ImageNet), else None."""
+    splits = getattr(hf_dataset.info, "splits", None) or {}
+    size = getattr(splits.get(split), "num_examples", None)
+    return size or None
 
 
 def build_dataloader(
@@ -431,6 +501,13 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="Stream the dataset instead of downloading it first (ImageNet-scale data); shards per process and "
         "shuffles with a buffer.",
     )
+    group.add_argument(
+        "--shuffle_buffer_size",
+        type=int,
+        default=DEFAULT_SHUFFLE_BUFFER,
+        help="With --streaming: rows per shuffle window (each window is read whole, then yielded in a seeded order; "
+        "a resume re-reads at most one window). Memory: this many encoded images per process.",
+    )
     group.add_argument("--image_column", type=str, default="image", help="Column holding the images.")
     group.add_argument("--label_column", type=str, default="label", help="Column holding integer class labels.")
     group.add_argument(
@@ -476,6 +553,7 @@ def training_data_from_args(
         process_index=process_index,
         num_processes=num_processes,
         embedded_label_by=args.embedded_label_by,
+        shuffle_buffer_size=args.shuffle_buffer_size,
     )
 
 

@@ -660,10 +660,11 @@ def run_training_loop(
     output_dir = Path(args.output_dir)
     lr_schedulers = make_lr_schedulers(args, optimizers, global_step, lr_factors)
     batches_done = global_step * args.gradient_accumulation_steps
-    if data.streaming:  # the restored stream state already sits at the right sample
-        epoch, skip = 0, 0
+    if data.streaming:  # a restored stream sits at its exact position, in its own epoch
+        epoch, skip = data.dataset.epoch, 0
     else:
         epoch, skip = divmod(batches_done, len(dataloader))
+    first_epoch = epoch
     progress = tqdm(
         range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
@@ -676,7 +677,11 @@ def run_training_loop(
         data.dataset.set_epoch(epoch)
         epoch_loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
         skip = 0
+        if data.streaming:
+            logger.info(f"process {accelerator.process_index}: stream epoch {epoch} (window shuffle seed {args.seed})")
+        batches_this_epoch = 0
         for batch in epoch_loader:
+            batches_this_epoch += 1
             if data.streaming:
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             if isinstance(batch, dict) and "num_skipped" in batch:  # unreadable files replaced by a neighbour
@@ -731,5 +736,12 @@ def run_training_loop(
                     validate(global_step)
             if final_step:
                 break
+        resumed_at_the_end = epoch == first_epoch and global_step > 0  # a stream checkpointed just before its end
+        if batches_this_epoch == 0 and global_step < args.max_train_steps and not resumed_at_the_end:
+            raise UserError(
+                f"process {accelerator.process_index} read no full batch of {args.train_batch_size} in epoch {epoch}: "
+                "the dataset (its shard, when streamed over several processes) is too small; lower "
+                "--train_batch_size or use more images."
+            )
         epoch += 1
     return global_step
