@@ -7,6 +7,10 @@ config carries the measured statistics (``latents_mean``, ``latents_std``, ``sca
 Statistics are of posterior samples, as REPA-E's latent BatchNorm sees them (see
 ``diffusers_repae.training.latent_stats``).
 
+With ``--streaming`` the images are the first ``--max_images`` of the stream after its seeded shuffle windows
+(``--shuffle_buffer_size``; 1 takes the first rows as they are), or the whole stream; the progress bar's total is
+``--max_images`` or the size in the dataset's metadata, or is left open when neither is known.
+
 Example (embedded OpenMoji data, tiny random VAE)::
 
     python training/compute_latent_stats.py --vae tiny-cpu --resolution 64 --max_images 512 \
@@ -21,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusers_repae.cli import UserError, refuse_overwrite, run_cli
-from diffusers_repae.training.data import add_data_args, build_dataloader, training_data_from_args
+from diffusers_repae.training.data import add_data_args, build_dataloader, real_images, training_data_from_args
 from diffusers_repae.training.latent_cache import load_vae
 from diffusers_repae.training.latent_stats import (
     RunningChannelStats,
@@ -71,32 +75,40 @@ def main(argv: list[str] | None = None) -> None:
     refuse_overwrite(args.plot, "--plot", inputs, overwrite=True)
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {args.batch_size}.")
+    if args.max_images is not None and args.max_images < 1:
+        raise UserError(f"--max_images must be >= 1, got {args.max_images}.")
     data = training_data_from_args(args, seed=args.seed)
-    if data.streaming:
-        raise ValueError("--streaming is not supported here: measure on a downloaded dataset (or --max_images).")
     dataloader = build_dataloader(data, args.batch_size, args.num_workers, seed=args.seed, drop_last=False)
     vae = load_vae(args.vae, seed=args.seed).to(args.device).eval()
     generator = torch.Generator().manual_seed(args.seed)
     running = RunningChannelStats()
-    total = min(len(data.dataset), args.max_images or len(data.dataset))
-    seen = skipped = 0
+    total = data.num_to_read(args.max_images)  # None: a stream of unknown length, read to its end
+    print(f"{data.source}: {data.describe_size()}; measuring " + (f"at most {total:,}" if total else "all of them"))
+    seen = measured = skipped = 0
     with torch.no_grad(), tqdm(total=total, desc="encoding", unit="img") as progress:
         for batch in dataloader:
-            good = batch["num_skipped"][: total - seen] == 0  # leave out stand-ins for bad files
-            pixels = batch["pixel_values"][: total - seen]
-            seen += pixels.shape[0]
-            skipped += int((~good).sum())
-            progress.update(pixels.shape[0])
+            if total is not None:
+                batch = {k: v[: total - seen] for k, v in batch.items()}
+            good, bad = real_images(batch, data.streaming)  # map-style stand-ins for bad files are left out
+            seen += len(good)
+            skipped += bad
+            progress.update(len(good))
             if good.any():
-                mean, std = encode_posterior(vae, pixels[good])
+                mean, std = encode_posterior(vae, batch["pixel_values"][good])
                 noise = torch.randn(mean.shape, generator=generator).to(mean.device)
                 running.update((mean + std * noise) if args.use == "sample" else mean)
-            if seen >= total:
+                measured += int(good.sum())
+            if total is not None and seen >= total:
                 break
+    if measured == 0:
+        raise UserError(f"no readable images in {data.source}: nothing to measure ({skipped} bad files).")
     stats = running.result()
     config_mean, config_std = config_latent_stats(vae, stats.mean.numel())
     comparison = compare_stats(stats, config_mean, config_std)
-    print(f"{seen} images from {data.source} at {args.resolution} px, {args.use} latents; {skipped} bad files skipped")
+    print(
+        f"{measured} images from {data.source} at {args.resolution} px, {args.use} latents; {skipped} bad files "
+        "skipped"
+    )
     print(comparison.table())
     print(comparison.recommendation(args.tolerance))
     plot_comparison(comparison, args.plot)

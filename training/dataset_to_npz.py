@@ -4,7 +4,9 @@
     python training/dataset_to_npz.py --dataset_name ILSVRC/imagenet-1k --split validation --resolution 256 \
         --output reference/imagenet256_val.npz
 
-``arr_0`` holds uint8 [N, H, W, 3] images and ``arr_1`` their labels, in dataset order.
+``arr_0`` holds uint8 [N, H, W, 3] images and ``arr_1`` their labels, in dataset order (``--streaming``: the
+stream's source order, no shuffle; the progress bar's total is ``--num_images`` or the size in the dataset's
+metadata, or is left open when neither is known).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from tqdm.auto import tqdm
 
 from diffusers_repae.cli import UserError, refuse_overwrite, run_cli
 from diffusers_repae.evaluation import save_npz
-from diffusers_repae.training.data import add_data_args, training_data_from_args
+from diffusers_repae.training.data import add_data_args, real_images, training_data_from_args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,19 +42,21 @@ def main(argv: list[str] | None = None) -> None:
     refuse_overwrite(args.output, "--output", {"--train_data_dir": args.train_data_dir}, args.overwrite)
     if args.batch_size < 1 or (args.num_images is not None and args.num_images < 1):
         raise UserError("--batch_size and --num_images must be >= 1.")
-    data = training_data_from_args(args, split=args.split)
+    data = training_data_from_args(args, split=args.split, shuffle=False)  # a stream in its source order
     loader = torch.utils.data.DataLoader(data.dataset, batch_size=args.batch_size, shuffle=False)  # dataset order
-    total = args.num_images if data.streaming else min(len(data.dataset), args.num_images or len(data.dataset))
+    total = data.num_to_read(args.num_images)  # None: a stream of unknown length, read to its end
+    print(f"{data.source}: {data.describe_size()}")
     images, labels, dropped, seen = [], [], 0, 0
     with tqdm(total=total, desc="images", unit="img") as bar:
         for batch in itertools.islice(loader, None if total is None else -(-total // args.batch_size)):
-            take = len(batch["labels"]) if total is None else min(len(batch["labels"]), total - seen)
-            seen += take
-            good = batch["num_skipped"][:take] == 0  # unreadable files (stand-ins from a neighbour) are left out
-            dropped += int((~good).sum())
-            images.append(batch["pixel_values"][:take][good].permute(0, 2, 3, 1).numpy())
-            labels.append(batch["labels"][:take][good].numpy())
-            bar.update(take)
+            if total is not None:
+                batch = {k: v[: total - seen] for k, v in batch.items()}
+            good, bad = real_images(batch, data.streaming)  # map-style stand-ins for bad files are left out
+            seen += len(good)
+            dropped += bad
+            images.append(batch["pixel_values"][good].permute(0, 2, 3, 1).numpy())
+            labels.append(batch["labels"][good].numpy())
+            bar.update(len(good))
     images, labels = np.concatenate(images), np.concatenate(labels)
     if len(images) == 0:
         raise UserError(f"no readable images in {data.source}: nothing to write ({dropped} unreadable files).")

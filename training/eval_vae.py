@@ -29,7 +29,7 @@ from diffusers_repae.evaluation import (
     iter_image_batches,
     load_lpips_vgg,
 )
-from diffusers_repae.training.data import add_data_args, training_data_from_args
+from diffusers_repae.training.data import add_data_args, real_images, training_data_from_args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,22 +73,22 @@ def image_batches(args: argparse.Namespace, dropped: list[int] | None = None):
         total = total if args.num_images is None else min(total, args.num_images)
         return iter_image_batches(args.images, args.batch_size, args.num_images), total
     args.random_flip = False  # evaluation reads images as they are, in dataset order
-    data = training_data_from_args(args, split=args.split)
+    data = training_data_from_args(args, split=args.split, shuffle=False)  # a stream in its source order
     loader = torch.utils.data.DataLoader(data.dataset, batch_size=args.batch_size, shuffle=False)  # dataset order
-    total = None if data.streaming else len(data.dataset)
-    if args.num_images is not None:
-        total = args.num_images if total is None else min(total, args.num_images)
+    total = data.num_to_read(args.num_images)  # None: a stream of unknown length, read to its end
+    print(f"{data.source}: {data.describe_size()}")
     num_batches = None if total is None else -(-total // args.batch_size)
 
     def batches():
         seen = 0
         for batch in itertools.islice(loader, num_batches):
-            take = len(batch["labels"]) if total is None else min(len(batch["labels"]), total - seen)
-            seen += take
-            good = batch["num_skipped"][:take] == 0
-            dropped[0] += int((~good).sum())
+            if total is not None:
+                batch = {k: v[: total - seen] for k, v in batch.items()}
+            good, bad = real_images(batch, data.streaming)  # map-style stand-ins for bad files are left out
+            seen += len(good)
+            dropped[0] += bad
             if good.any():
-                yield batch["pixel_values"][:take][good].permute(0, 2, 3, 1).numpy()
+                yield batch["pixel_values"][good].permute(0, 2, 3, 1).numpy()
 
     return batches(), total
 

@@ -29,6 +29,11 @@ shuffled in seeded windows (`StreamingImageLabelDataset`); a new epoch starts wh
 exact resume, save ``data.dataset.state_dict()`` per process in the checkpoint and restore it with
 ``load_state_dict`` before the first epoch, whose number then comes from ``data.dataset.epoch``. The position is
 the main process's, so stream with ``num_workers=0`` (workers would read ahead of it).
+
+Scripts that read a dataset once (latent caches, statistics, reference sets) want the source order:
+``load_training_dataset(..., shuffle=False)`` gives a stream in that order (shuffle windows of one row), and
+`StreamingImageLabelDataset.read_in_order` yields rows with their stream index, decoding only the rows asked for.
+In a batch, `real_images` tells stand-ins (map-style) from real images and counts the bad files either way.
 """
 
 from __future__ import annotations
@@ -39,8 +44,9 @@ import io
 import itertools
 import random
 import threading
-from collections import Counter
-from collections.abc import Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -291,6 +297,59 @@ class StreamingImageLabelDataset(torch.utils.data.IterableDataset):
     def _window_order(self, window: int, length: int) -> np.ndarray:
         return np.random.default_rng([self.seed, self.epoch, window]).permutation(length)
 
+    def _source_rows(self) -> Iterator[dict]:
+        """The raw rows (images still encoded) in source order, from the start of epoch 0 (no shard reshuffle),
+        on a copy: the training position does not move."""
+        source = copy.deepcopy(self.dataset)
+        source.set_epoch(0)
+        return iter(source)
+
+    def count_rows(self, stop: int | None = None) -> int:
+        """Rows in the stream (at most ``stop``), counted by reading it without decoding any image."""
+        return sum(1 for _ in itertools.islice(self._source_rows(), stop))
+
+    def read_in_order(
+        self, keep: Callable[[int], bool] | None = None, stop: int | None = None, num_threads: int = 0
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """The rows ``index < stop`` with ``keep(index)`` true, in source order, each with its stream ``index``
+        (the position in this process's part of the stream; load with one process to number the whole stream).
+
+        Rows not kept are read but not decoded (cheap next to decoding). A bad file is yielded too, with
+        ``num_skipped`` 1 and zero pixels, so the caller can count it and knows where it stands. No flip, no
+        shuffle window. ``num_threads`` > 0 decodes that many rows at a time in threads (PIL releases the GIL
+        while decoding and resizing), still yielding in order.
+        """
+
+        def sample(item: tuple[int, dict]) -> dict[str, torch.Tensor]:
+            index, row = item
+            label = int(row[self.label_column]) if self.label_column else 0
+            try:
+                image = decode_image(row[self.image_column], self.min_side, self.counter)
+                pixels, bad = _process(image, self.resolution, False), 0
+            except BadImageError as error:
+                self.counter.skip(error.reason)
+                pixels, bad = torch.zeros(3, self.resolution, self.resolution, dtype=torch.uint8), 1
+            return {
+                "pixel_values": pixels,
+                "labels": torch.tensor(label, dtype=torch.int64),
+                "num_skipped": torch.tensor(bad, dtype=torch.int64),
+                "index": torch.tensor(index, dtype=torch.int64),
+            }
+
+        rows = itertools.islice(enumerate(self._source_rows()), stop)
+        wanted = rows if keep is None else (item for item in rows if keep(item[0]))
+        if num_threads <= 0:
+            yield from map(sample, wanted)
+            return
+        with ThreadPoolExecutor(num_threads) as pool:  # a bounded read-ahead keeps memory flat
+            pending: deque = deque()
+            for item in wanted:
+                pending.append(pool.submit(sample, item))
+                if len(pending) >= 2 * num_threads:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         start = self._position
         if start["source"] is not None:
@@ -342,6 +401,13 @@ class TrainingData:
             return "an unknown number of images (streamed; the dataset's metadata gives no split size)"
         return f"{self.num_examples:,} images" + (" (streamed)" if self.streaming else "")
 
+    def num_to_read(self, limit: int | None = None) -> int | None:
+        """Images a script reading at most ``limit`` of them gets (for progress bars): the smaller of ``limit`` and
+        the size when the size is known; ``limit`` (an upper bound) or None for a stream of unknown size."""
+        if self.num_examples is None:
+            return limit
+        return self.num_examples if limit is None else min(limit, self.num_examples)
+
     @property
     def counter(self) -> SkipCounter:
         return self.dataset.counter
@@ -387,6 +453,7 @@ def load_training_dataset(
     shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER,
     min_side: int = 8,
     embedded_limit: int | None = None,
+    shuffle: bool = True,
 ) -> TrainingData:
     """The one loader all scripts use.
 
@@ -394,6 +461,9 @@ def load_training_dataset(
     then sharded over ``num_processes`` and buffer-shuffled with ``seed``). ``train_data_dir``: a local image
     folder (``class_name/xxx.png``), read with ``load_dataset("imagefolder")``. Neither: the embedded OpenMoji
     emoji, rendered at ``resolution`` once and cached (labels: Unicode ``group`` or ``subgroup``).
+
+    ``shuffle=False``: a stream yields its rows in source order (shuffle windows of one row) - for scripts that read
+    a dataset once. Map-style datasets are never shuffled here (`build_dataloader` does that).
     """
     from datasets import load_dataset
 
@@ -435,8 +505,9 @@ def load_training_dataset(
         num_examples = _split_size(hf_dataset, split)
         if num_processes > 1:  # disjoint: whole shards per process when they divide evenly, else every n-th row
             hf_dataset = split_dataset_by_node(hf_dataset, rank=process_index, world_size=num_processes)
+        window = shuffle_buffer_size if shuffle else 1
         dataset = StreamingImageLabelDataset(
-            hf_dataset, image_column, label_column, resolution, random_flip, seed, min_side, shuffle_buffer_size
+            hf_dataset, image_column, label_column, resolution, random_flip, seed, min_side, window
         )
     else:
         dataset = ImageLabelDataset(hf_dataset, image_column, label_column, resolution, random_flip, seed, min_side)
@@ -449,6 +520,19 @@ def _split_size(hf_dataset, split: str) -> int | None:
     splits = getattr(hf_dataset.info, "splits", None) or {}
     size = getattr(splits.get(split), "num_examples", None)
     return size or None
+
+
+def real_images(batch: dict[str, torch.Tensor], streaming: bool) -> tuple[torch.Tensor, int]:
+    """Which samples of a batch are real images, and how many bad files the batch accounts for.
+
+    Map-style: a sample with ``num_skipped`` 1 is a neighbour standing in for a bad file (leave it out). Stream:
+    bad files were dropped, every sample is real and ``num_skipped`` counts the bad files before it.
+    """
+    skipped = batch["num_skipped"]
+    if streaming:
+        return torch.ones_like(skipped, dtype=torch.bool), int(skipped.sum())
+    good = skipped == 0
+    return good, int((~good).sum())
 
 
 def build_dataloader(
@@ -535,9 +619,14 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def training_data_from_args(
-    args: argparse.Namespace, seed: int = 0, process_index: int = 0, num_processes: int = 1, split: str = "train"
+    args: argparse.Namespace,
+    seed: int = 0,
+    process_index: int = 0,
+    num_processes: int = 1,
+    split: str = "train",
+    shuffle: bool = True,
 ) -> TrainingData:
-    """`load_training_dataset` with the flags of `add_data_args`."""
+    """`load_training_dataset` with the flags of `add_data_args` (``shuffle=False``: a stream in source order)."""
     return load_training_dataset(
         dataset_name=args.dataset_name,
         train_data_dir=args.train_data_dir,
@@ -554,6 +643,7 @@ def training_data_from_args(
         num_processes=num_processes,
         embedded_label_by=args.embedded_label_by,
         shuffle_buffer_size=args.shuffle_buffer_size,
+        shuffle=shuffle,
     )
 
 
