@@ -7,6 +7,8 @@ The benchmark writes its own dataset in the Hub's layout (parquet shards with an
 large as ImageNet's (~110 KB). Each pass reads every image once through `build_dataloader` (batch 32, the per-GPU
 batch of a 256-image 8-GPU run); the rate is the steady state, from the first batch after the warm-up (worker start
 and prefetch: ``max(1, workers x prefetch_factor)`` batches) to the last; the table shows the median of the passes.
+On a shared machine the wall-clock rate depends on what else runs, so the table also gives images per CPU-second
+(main process and workers together, whole pass, from ``getrusage``): what one dedicated core does.
 
     .venv/bin/python benchmarks/bench_input_pipeline.py [--quick] [--workers 0,1,2] [--num_images 512]
 
@@ -19,6 +21,7 @@ import argparse
 import io
 import json
 import os
+import resource
 import shlex
 import statistics
 import sys
@@ -96,9 +99,17 @@ def write_dataset(
     }
 
 
-def one_pass(loader: torch.utils.data.DataLoader, warmup_batches: int) -> tuple[float, int]:
-    """Steady-state images/s of one pass (after ``warmup_batches``) and the images the pass yielded in all."""
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the DataLoader's workers, joined after each pass)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def one_pass(loader: torch.utils.data.DataLoader, warmup_batches: int) -> tuple[float, int, float]:
+    """Steady-state images/s of one pass (after ``warmup_batches``), the images the pass yielded in all, and the
+    CPU seconds it took (all processes)."""
     total = timed = 0
+    cpu = _cpu_seconds()
     start = None
     for number, batch in enumerate(loader, start=1):
         size = len(batch["labels"])
@@ -107,9 +118,10 @@ def one_pass(loader: torch.utils.data.DataLoader, warmup_batches: int) -> tuple[
             start = time.perf_counter()
         elif start is not None:
             timed += size
+    elapsed = time.perf_counter() - start if start is not None else 0.0
     if start is None or timed == 0:
         raise UserError(f"too few batches to time after {warmup_batches} warm-up batches: raise --num_images.")
-    return timed / (time.perf_counter() - start), total
+    return timed / elapsed, total, _cpu_seconds() - cpu  # the exhausted iterator has joined its workers
 
 
 def measure(args: argparse.Namespace, root: Path, route: str, workers: int) -> dict:
@@ -124,18 +136,20 @@ def measure(args: argparse.Namespace, root: Path, route: str, workers: int) -> d
     )
     loader = build_dataloader(data, args.batch_size, workers, seed=args.seed, drop_last=False)
     warmup = max(1, workers * (loader.prefetch_factor or 0))
-    rates, counts = [], []
+    rates, counts, per_cpu = [], [], []
     for repeat in range(args.repeats):
         data.dataset.set_epoch(repeat)  # a stream starts again; the map-style flip pattern changes (unused here)
-        rate, count = one_pass(loader, warmup)
+        rate, count, cpu = one_pass(loader, warmup)
         rates.append(rate)
         counts.append(count)
+        per_cpu.append(count / cpu)
     rate = statistics.median(rates)
     return {
         "route": route,
         "workers": workers,
         "img_per_s": rate,
         "img_per_s_per_worker": rate / max(1, workers),
+        "img_per_cpu_s": statistics.median(per_cpu),
         "images_per_pass": counts,
         "all_rates": rates,
     }
@@ -151,12 +165,13 @@ def markdown(rows: list[dict], info: dict, args: argparse.Namespace, command: st
         f"decode + ADM centre crop to {args.resolution} px, batch {args.batch_size}; steady-state rate, median of "
         f"{args.repeats} passes; load average before: {load[0]:.2f} (1 min), {os.cpu_count()} CPUs.",
         "",
-        "| route | DataLoader workers | img/s | img/s per worker (0 workers: the main process) |",
-        "|---|---|---|---|",
+        "| route | DataLoader workers | img/s | img/s per worker (0 workers: the main process) | img per CPU-s |",
+        "|---|---|---|---|---|",
     ]
     for row in rows:
         name = names[row["route"]] + (f"{args.shuffle_buffer_size} rows)" if row["route"] == "streamed" else "")
-        lines.append(f"| {name} | {row['workers']} | {row['img_per_s']:.0f} | {row['img_per_s_per_worker']:.0f} |")
+        rates = f"{row['img_per_s']:.0f} | {row['img_per_s_per_worker']:.0f} | {row['img_per_cpu_s']:.0f}"
+        lines.append(f"| {name} | {row['workers']} | {rates} |")
     return "\n".join(lines)
 
 
