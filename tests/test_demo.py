@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,12 +40,14 @@ def demo_run(tmp_path_factory):
     images = _image_folder(root / "images")
     out = root / "out"
     argv = [
-        "--output_dir", str(out), "--train_data_dir", str(images), "--max_train_steps", "3",
-        "--vae_warmup_steps", "1", "--vae_freeze_step", "2", "--train_batch_size", "4", "--num_eval_samples", "10",
+        "--output_dir", str(out), "--train_data_dir", str(images), "--stage1_steps", "2", "--stage2_steps", "2",
+        "--decoder_steps", "2", "--decoder_gan_start", "1", "--train_batch_size", "4", "--num_eval_samples", "10",
         "--num_inference_steps", "2",
     ]  # fmt: skip
     _reset_accelerate()  # a test module run before this one may have left accelerate's global state set up
-    metrics = demo.main(argv)
+    with pytest.MonkeyPatch.context() as patch:  # the stages' and the scores' caches stay inside the test
+        patch.setenv("DIFFUSERS_REPAE_CACHE", str(root / "cache"))
+        metrics = demo.main(argv)
     return out, metrics, argv
 
 
@@ -59,8 +62,37 @@ def test_demo_writes_its_report(demo_run):
     vae_alone = saved["vae_reconstructions"]
     assert vae_alone["num_images"] == 10 and np.isfinite(vae_alone["FD-EfficientNetLite0"])
     assert 0 <= vae_alone["precision-EfficientNetLite0"] <= 1
+    assert len(saved["stage_minutes"]) == 4 and saved["train_minutes"] <= saved["total_minutes"]
     assert (out / "pipeline" / "model_index.json").is_file()
     assert (out / "loss_curves.png").is_file()
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "diffusion_pytorch_model.safetensors")
+
+
+def test_each_stage_is_a_reusable_folder_and_the_pipeline_their_composition(demo_run):
+    from diffusers import AutoencoderKL
+
+    from diffusers_repae import RepaEPipeline
+
+    out, _, _ = demo_run
+    stage1 = RepaEPipeline.from_pretrained(out / "stage1-repae")
+    assert AutoencoderKL.from_pretrained(out / "stage3-decoder").config.latents_std == stage1.vae.config.latents_std
+    assert (out / "latents" / "cache_info.json").is_file()
+    transformer, vae = _weights(out / "pipeline" / "transformer"), _weights(out / "pipeline" / "vae")
+    stage2, stage3 = _weights(out / "stage2-ldm" / "transformer"), _weights(out / "stage3-decoder")
+    first = _weights(out / "stage1-repae" / "vae")
+    assert transformer.keys() == stage2.keys() and all(torch.equal(transformer[k], stage2[k]) for k in stage2)
+    assert vae.keys() == stage3.keys() and all(torch.equal(vae[k], stage3[k]) for k in stage3)
+    encoder = [k for k in first if k.startswith(("encoder.", "quant_conv."))]
+    decoder = [k for k in first if k.startswith(("decoder.", "post_quant_conv."))]
+    assert encoder and all(torch.equal(vae[k], first[k]) for k in encoder)  # the stage-1 latent space
+    assert any(not torch.equal(vae[k], first[k]) for k in decoder)  # a fine-tuned decoder
+    pipe = RepaEPipeline.from_pretrained(out / "pipeline")
+    assert pipe.vae.config.latents_mean == stage1.vae.config.latents_mean
 
 
 def test_the_exported_pipeline_samples_with_the_demos_settings(demo_run):
@@ -92,75 +124,63 @@ def test_demo_refuses_to_overwrite_a_finished_demo(demo_run, capsys):
     assert (out / "metrics.json").read_bytes() == before
 
 
-@pytest.mark.parametrize("flags", [["--vae_freeze_step", "5", "--vae_warmup_steps", "5"], ["--vae_freeze_step", "-1"]])
-def test_demo_refuses_a_freeze_step_inside_the_warm_up(flags, capsys):
+def test_the_stages_get_the_recipes_settings():
+    args = demo.parse_args([])
+    commands = dict(demo.stage_commands(args, Path("out"), "no"))
+    stage1, cache, stage2, stage3 = commands.values()
+
+    def value(command, flag):
+        return command[command.index(flag) + 1]
+
+    assert stage1[0] == "train_repae.py" and value(stage1, "--max_train_steps") == "1000"
+    assert value(cache, "--vae") == value(stage2, "--pretrained_model_name_or_path") == str(Path("out/stage1-repae"))
+    assert value(stage2, "--latents_dir") == value(cache, "--output_dir")
+    assert value(stage2, "--lr_scheduler") == "linear" and value(stage2, "--lr_warmup_steps") == "0"
+    assert "--freeze_encoder" in stage3 and value(stage3, "--decoder_latent_noise") == "0.8"
+    assert value(stage3, "--disc_start") == value(stage3, "--lr_decay_start") == "1000"
+    assert value(stage3, "--vae") == str(Path("out/stage1-repae"))
+    no_decoder = demo.stage_commands(demo.parse_args(["--decoder_steps", "0"]), Path("out"), "no")
+    assert [name for name, _ in no_decoder] == list(commands)[:3]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max_train_steps", "500"], "--max_train_steps is no longer a demo option: the demo runs stages now"),
+        (["--vae_freeze_step=3"], "--vae_freeze_step is no longer a demo option"),
+    ],
+)
+def test_the_former_single_run_flags_say_what_replaced_them(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        demo.parse_args(flags)
+        demo.run_cli(demo.main, argv)
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "--vae_freeze_step must be 0" in err
-    assert "--num_eval_samples" in err  # the demo's own usage line, not train_repae's
+    assert message in capsys.readouterr().err
 
 
-def test_demo_accepts_no_freeze():
-    assert demo.parse_args(["--vae_freeze_step", "0"]).vae_freeze_step == 0
-
-
-def test_demo_passes_its_frozen_phase_to_train_repae():
-    sys.path.insert(0, str(REPO / "training"))
-    import train_repae
-
-    demo_flags = ["--vae_freeze_step", "400", "--decoder_latent_noise", "0.25", "--decoder_only_step", "600"]
-    parsed = train_repae.parse_args(["--output_dir", "unused", *demo.frozen_phase_flags(demo.parse_args(demo_flags))])
-    assert parsed.vae_freeze_step == 400 and parsed.cache_frozen_targets
-    assert parsed.train_decoder_after_freeze and parsed.decoder_latent_noise == 0.25
-    assert parsed.decoder_only_step == 600 and parsed.sit_lr_decay_start == 400
-    plain = train_repae.parse_args(
-        ["--output_dir", "unused", *demo.frozen_phase_flags(demo.parse_args(["--no_decoder_training"]))]
-    )
-    assert not plain.train_decoder_after_freeze and plain.decoder_latent_noise == 0
-    assert plain.decoder_only_step is None and plain.sit_lr_decay_start == 1000
-    constant = train_repae.parse_args(
-        ["--output_dir", "unused", *demo.frozen_phase_flags(demo.parse_args(["--constant_sit_lr"]))]
-    )
-    assert constant.sit_lr_decay_start is None
-
-
-@pytest.mark.parametrize("decoder_only_step", ["400", "300"])
-def test_demo_refuses_a_decoder_only_step_not_after_the_freeze(decoder_only_step, capsys):
-    with pytest.raises(SystemExit):
-        demo.parse_args(["--vae_freeze_step", "400", "--decoder_only_step", decoder_only_step])
-    assert "--decoder_only_step must be 0 or > --vae_freeze_step (400)" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("flags", [["--vae_freeze_step", "0"], ["--no_decoder_training"]])
-def test_without_a_decoder_phase_the_demo_has_no_decoder_only_phase(flags):
-    assert demo.parse_args(flags).decoder_only_step == 0
-
-
-def test_demo_passes_its_gan_settings_to_train_repae():
-    sys.path.insert(0, str(REPO / "training"))
-    import train_repae
-
-    def parsed(*flags):
-        return train_repae.parse_args(["--output_dir", "unused", *demo.gan_flags(demo.parse_args(list(flags)))])
-
-    gan = parsed("--gan_start", "2500", "--gan_weight", "0.25")
-    assert gan.disc_start == 2500 and gan.adaptive_disc_weight and gan.disc_weight == 0.25 and gan.disc_ndf == 32
-    assert parsed("--gan_start", "0").disc_start > 10**8  # never
-
-
-@pytest.mark.parametrize("flags", [["--gan_start", "-1"], ["--gan_weight", "0"]])
-def test_demo_refuses_bad_gan_settings(flags, capsys):
+@pytest.mark.parametrize(
+    "flags", [["--decoder_gan_start", "2000"], ["--decoder_latent_noise", "-0.1"], ["--stage1_steps", "0"]]
+)
+def test_demo_refuses_bad_stage_settings(flags, capsys):
     with pytest.raises(SystemExit):
         demo.parse_args(flags)
-    assert "--gan_start must be >= 0 (0: no GAN) and --gan_weight > 0" in capsys.readouterr().err
+    assert "must be" in capsys.readouterr().err
 
 
-def test_demo_refuses_negative_decoder_noise(capsys):
-    with pytest.raises(SystemExit):
-        demo.parse_args(["--decoder_latent_noise", "-0.1"])
-    assert "--decoder_latent_noise must be >= 0, got -0.1" in capsys.readouterr().err
+def test_reference_features_are_computed_once_then_read(tmp_path, monkeypatch):
+    from diffusers_repae.evaluation import quick_score
+
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    extractor, first = quick_score.cached_reference_features(images, cache_dir=tmp_path)
+    np.testing.assert_array_equal(first, quick_score.pooled_features(extractor, images))
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("computed again")
+
+    monkeypatch.setattr(quick_score, "pooled_features", must_not_run)
+    _, again = quick_score.cached_reference_features(images, cache_dir=tmp_path)
+    np.testing.assert_array_equal(again, first)
+    with pytest.raises(AssertionError, match="computed again"):  # other images: another entry
+        quick_score.cached_reference_features(images[:5], cache_dir=tmp_path)
 
 
 def test_reconstructions_decode_the_posterior_mean():

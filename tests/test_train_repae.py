@@ -1,6 +1,5 @@
 """End-to-end REPA-E training: one step's stop-gradients and losses, resume equivalence, 2 processes, the CLI."""
 
-import json
 import os
 import subprocess
 import sys
@@ -320,41 +319,16 @@ def test_two_processes(tiny_setup, tmp_path):
     assert state["latent_norm.num_batches_tracked"].item() == 2
 
 
-def test_two_processes_train_the_decoder_after_the_freeze(tiny_setup, tmp_path):
-    # the decoder pass runs outside DDP and averages its gradients by hand: it must neither hang nor touch the encoder
-    out = tmp_path / "ddp_frozen"
-    frozen = ["--vae_freeze_step", "1", "--train_decoder_after_freeze", "--decoder_latent_noise", "0.2"]
-    _launch_two_processes(_argv(tiny_setup, out, 3, *frozen, "--cache_frozen_targets"))
-    at_2, at_3 = (load_file(out / f"checkpoint-{step}" / "model.safetensors") for step in (2, 3))  # the VAE
-    changed = {k for k in at_3 if not torch.equal(at_2[k], at_3[k])}
-    assert changed and all(k.startswith(("vae.decoder.", "vae.post_quant_conv.")) for k in changed)
-    assert "vae.decoder.conv_out.weight" in changed
+def test_options_that_became_stages_say_where_they_live(tiny_setup, tmp_path):
+    from diffusers_repae.cli import UserError
 
-
-def test_decoder_only_steps_change_only_the_decoder(tiny_setup, tmp_path):
-    # steps 2 and 3 (between checkpoints 2 and 4) are decoder-only: the SiT, projector, their EMA and the BN stay
-    out = tmp_path / "decoder_only"
-    frozen = ["--vae_freeze_step", "1", "--train_decoder_after_freeze", "--decoder_only_step", "2"]
-    _run(_argv(tiny_setup, out, 4, *frozen, "--cache_frozen_targets", "--sit_lr_decay_start", "1"))
-    at_2, at_4 = _tensors(out / "checkpoint-2"), _tensors(out / "checkpoint-4")
-    changed = {k for k in at_2 if not torch.equal(at_2[k], at_4[k])}
-    vae = {k for k in changed if k.startswith("model.safetensors:")}
-    assert vae and all(
-        k.startswith(("model.safetensors:vae.decoder.", "model.safetensors:vae.post_quant_conv.")) for k in vae
-    )
-    assert not {k for k in changed if k.startswith(("model_1.", "model_2."))}  # the transformer and the projector
-    assert {k for k in changed if k.startswith("model_3.")}  # the discriminator trains on, after the decoder
-    assert not {
-        k for k in changed if k.startswith("project_state.safetensors:") and ("ema." in k or "latent_norm." in k)
-    }
-    card = (out / "README.md").read_text()
-    assert "for 1 more steps" in card and "The last 2 steps trained the decoder alone" in card
-    # the VAE optimiser anneals linearly over steps 2-3 (2/2 of its rate, then 1/2); the SiT's reaches 0 at step 2,
-    # where it stops training (--sit_lr_decay_start 1: 1/1 of its rate at step 1, then 0)
-    records = json.loads((out / "checkpoint-4" / "project_state.json").read_text())["history"]["records"]
-    lr = {record["step"]: (record["lr/vae"], record["lr/sit"]) for record in records}
-    assert lr[3][0] == pytest.approx(lr[2][0]) and lr[4][0] == pytest.approx(lr[3][0] / 2)
-    assert lr[2][1] > 0 and lr[3][1] == lr[4][1] == 0
+    with pytest.raises(
+        UserError, match="--vae_freeze_step is no longer an option of train_repae.py: stage 2.*train_ldm"
+    ):
+        _run(_argv(tiny_setup, tmp_path, 2, "--vae_freeze_step", "1"))
+    with pytest.raises(UserError, match="--decoder_latent_noise .*train_vae.py --vae RUN --freeze_encoder"):
+        _run(_argv(tiny_setup, tmp_path, 2, "--decoder_latent_noise=0.5"))
+    assert not tmp_path.joinpath("model_index.json").exists()
 
 
 class _ExplodingState:

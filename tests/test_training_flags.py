@@ -18,12 +18,12 @@ from PIL import Image
 
 from diffusers_repae import SiTTransformer2DModel
 from diffusers_repae.training.model_card import PIPELINE_TAGS, save_model_card
-from diffusers_repae.training.repae_step import linear_decay_factor
 from diffusers_repae.training.trainer import (
     add_run_args,
     check_run_args,
     enable_gradient_checkpointing,
     global_batch_size,
+    linear_decay_factor,
     make_adamw,
     make_lr_schedulers,
     per_process_batch_size,

@@ -1,29 +1,32 @@
 #!/usr/bin/env python
-"""`make demo`: end-to-end REPA-E that visibly learns, on a 2-core CPU in under 10 minutes, fully offline.
+"""`make demo`: REPA-E's stages, composed on a 2-core CPU in under 10 minutes, fully offline.
 
-Renders the embedded OpenMoji emoji at 32 px (or reads your images: ``--train_data_dir`` / ``--dataset_name``),
-trains the `emoji-cpu` recipe with `training/train_repae.py`: end-to-end REPA-E first (VAE, SiT and alignment to
-the bundled EfficientNet-Lite0 together), then the SiT alone on the frozen end-to-end VAE (``--vae_freeze_step``, the
-paper's second stage in the same run) with its learning rate annealed to 0, while the VAE's decoder keeps learning to
-decode the frozen encoder's latents with noise added (``--decoder_latent_noise``), so that it also decodes the SiT's
-imperfect latents well. The last steps train the decoder alone (``--decoder_only_step``), with a patch-GAN term
-(``--gan_start``) and a learning rate that decays to 0. It exports a `RepaEPipeline`, and then reports on itself:
+Renders the embedded OpenMoji emoji at 32 px (or reads your images: ``--train_data_dir`` / ``--dataset_name``) and
+runs the package's own scripts, one per stage, each writing a normal folder you can reuse:
+
+    demo/stage1-repae/    train_repae.py   end-to-end REPA-E: VAE + SiT + alignment to EfficientNet-Lite0 together
+    demo/latents/         cache_latents.py the stage-1 VAE's posterior of every training image
+    demo/stage2-ldm/      train_ldm.py     stage 2: the stage-1 SiT trains on in the frozen end-to-end VAE's latent
+                                           space (cached), its learning rate decaying to 0
+    demo/stage3-decoder/  train_vae.py     the stage-1 decoder fine-tuned on the frozen encoder, on noise-perturbed
+                                           latents (so it decodes a SiT's imperfect latents well), with a patch-GAN
+                                           term and a decaying learning rate in its second half
+    demo/pipeline/        RepaEPipeline.from_pretrained("demo/pipeline"): the stage-2 SiT with the stage-3 VAE
+
+and then reports on itself:
 
     demo/metrics.json          FD-EfficientNetLite0 / precision / recall of class-balanced samples against the
-                               training images (the offline extractor; not comparable with FID), and of the VAE's
-                               reconstructions alone
+                               training images (the offline extractor; not comparable with FID), of the VAE's
+                               reconstructions alone, and what each stage cost
     demo/samples.png           one labelled row per class
     demo/reconstructions.png   real training images above their VAE reconstructions
-    demo/loss_curves.png       the training curves
-    demo/pipeline/             the pipeline: RepaEPipeline.from_pretrained("demo/pipeline")
+    demo/loss_curves.png       the training curves of the three training stages
 
-Departures from the paper's recipe, all because this is a 10-minute CPU run (the log and model card say so): no
-LPIPS term (torchvision's VGG16 weights cannot be had offline), the GAN term only in the decoder-only phase, the
-VAE starts from random weights (REPA-E starts from a trained VAE), a tiny VAE and SiT at 32 px, batch 16,
-lognormal time sampling, higher learning rates with warm-up, EMA decay 0.995, 50 SDE steps with guidance 3.0, bf16
-autocast where the CPU has bf16 units, the VAE's encoder frozen after 1000 of the 3000 steps, the SiT after 2000 (its
-learning rate decaying to 0 in between), and the decoder trained on latents perturbed by noise of up to 0.8 x their
-spread after the encoder's freeze.
+Departures from the paper's recipe, all because this is a 10-minute CPU run (the log and model cards say so): no
+LPIPS term (torchvision's VGG16 weights cannot be had offline), the GAN term only in the decoder stage, the VAE
+starts from random weights (REPA-E starts from a trained VAE), a tiny VAE and SiT at 32 px, batch 16, lognormal time
+sampling, higher learning rates with warm-up, EMA decay 0.995, 50 SDE steps with guidance 3.0, and the decoder
+stage, which the paper does not have.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,29 +43,44 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "training"))
-
-import train_repae  # noqa: E402
-from diffusers_repae import RepaEPipeline  # noqa: E402
-from diffusers_repae.cli import refuse_overwrite, run_cli  # noqa: E402
-from diffusers_repae.evaluation import build_feature_extractor  # noqa: E402
-from diffusers_repae.evaluation.quick_score import (  # noqa: E402
+from diffusers_repae import RepaEPipeline
+from diffusers_repae.cli import UserError, refuse_overwrite, run_cli
+from diffusers_repae.evaluation.quick_score import (
     balanced_samples,
+    cached_reference_features,
     dataset_images,
     pooled_features,
     reconstructions,
     score_features,
 )
-from diffusers_repae.training.data import load_training_dataset  # noqa: E402
+from diffusers_repae.training.data import load_training_dataset
 
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).resolve().parent
 RECIPE = "emoji-cpu"
+# Flags of the former single-run demo: what replaced each one.
+MOVED_FLAGS = {
+    "--max_train_steps": "the demo runs stages now: --stage1_steps, --stage2_steps and --decoder_steps",
+    "--vae_freeze_step": "stage 1 ends after --stage1_steps; stage 2 trains the SiT on the frozen VAE",
+    "--decoder_only_step": "the decoder trains in its own stage (--decoder_steps)",
+    "--gan_start": "--decoder_gan_start (a step of the decoder stage)",
+    "--max_train_minutes": "the demo trains its recipe's steps; lower the stages' steps for a shorter run",
+    "--vae_warmup_steps": "there is no VAE warm-up; train a VAE first with training/train_vae.py",
+    "--constant_sit_lr": "stage 2's learning rate always decays (train_ldm.py --lr_scheduler linear)",
+    "--no_decoder_training": "--decoder_steps 0",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    for item in argv if argv is not None else sys.argv[1:]:
+        flag = item.split("=", 1)[0]
+        if flag in MOVED_FLAGS:
+            raise UserError(f"{flag} is no longer a demo option: {MOVED_FLAGS[flag]}.")
     parser = argparse.ArgumentParser(
-        description="End-to-end REPA-E demo: trains on OpenMoji (or your images) on the CPU, offline, in under 10 "
-        "minutes, then scores and shows what it learned."
+        description="REPA-E demo: its stages on OpenMoji (or your images) on the CPU, offline, in under 10 minutes, "
+        "then scores and shows what it learned.",
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--output_dir", type=str, default=str(REPO / "demo"), help="Where everything goes.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output_dir.")
@@ -77,80 +96,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--image_column", type=str, default="image", help="Image column of --dataset_name.")
     data.add_argument("--label_column", type=str, default="label", help="Label column of --dataset_name.")
     data.add_argument("--resolution", type=int, default=32, help="Image side in pixels (a multiple of 16).")
-    training = parser.add_argument_group("training")
-    training.add_argument(
-        "--max_train_steps",
-        type=int,
-        default=3000,
-        help="Training steps: end-to-end, then the SiT and the decoder on the frozen encoder, then the decoder alone.",
-    )
-    training.add_argument(
-        "--vae_warmup_steps",
-        type=int,
-        default=0,
-        help="First steps that train only the VAE's reconstruction (measured: no gain at this size).",
-    )
-    training.add_argument(
-        "--vae_freeze_step",
+    stages = parser.add_argument_group("stages")
+    stages.add_argument("--stage1_steps", type=int, default=1000, help="Steps of end-to-end REPA-E (train_repae.py).")
+    stages.add_argument(
+        "--stage2_steps",
         type=int,
         default=1000,
-        help="End-to-end REPA-E up to this step; then the VAE is frozen and the SiT trains on with alignment on "
-        "its latents (the paper's second stage, about twice as many steps per second). 0: end-to-end throughout.",
+        help="Steps of the SiT on the frozen stage-1 VAE (train_ldm.py), its learning rate decaying linearly to 0.",
     )
-    training.add_argument(
+    stages.add_argument(
+        "--decoder_steps",
+        type=int,
+        default=2000,
+        help="Steps of decoder fine-tuning on the frozen stage-1 encoder (train_vae.py --freeze_encoder). 0: keep "
+        "the stage-1 decoder.",
+    )
+    stages.add_argument(
         "--decoder_latent_noise",
         type=float,
         default=0.8,
-        help="After --vae_freeze_step the decoder keeps training (the encoder, and so the SiT's latents, stay frozen) "
-        "on latents plus Gaussian noise of up to this times each channel's std, so that it decodes the SiT's "
-        "imperfect latents well. 0: no noise.",
+        help="The decoder stage decodes latents plus Gaussian noise of up to this times each channel's std, so "
+        "that it decodes the SiT's imperfect latents well. 0: no noise.",
     )
-    training.add_argument(
-        "--decoder_only_step",
+    stages.add_argument(
+        "--decoder_gan_start",
         type=int,
-        default=2000,
-        help="From this step on (after --vae_freeze_step) only the decoder trains, its learning rate decaying to 0 "
-        "at the last step: the SiT and its EMA stay as they are and each step costs the decoder's pass alone. 0, "
-        "--vae_freeze_step 0 or --no_decoder_training: the SiT trains to the last step.",
+        default=1000,
+        help="Step of the decoder stage from which its loss has a patch-GAN term (adaptive weight, as in "
+        "taming/LDM) and its learning rate decays linearly to 0.",
     )
-    training.add_argument(
-        "--gan_start",
-        type=int,
-        default=2000,
-        help="From this step on the VAE's loss has its patch-GAN term (a small discriminator trains alongside), "
-        "weighted adaptively as in taming/LDM; by default that is the decoder-only phase. 0: no GAN term.",
+    stages.add_argument(
+        "--gan_weight", type=float, default=0.25, help="The GAN term's weight relative to the reconstruction's."
     )
-    training.add_argument(
-        "--gan_weight",
-        type=float,
-        default=0.25,
-        help="With --gan_start: the GAN term's weight relative to the reconstruction's gradient at the decoder's "
-        "last layer (train_repae.py --adaptive_disc_weight --disc_weight).",
-    )
-    training.add_argument(
-        "--constant_sit_lr",
-        action="store_true",
-        help="Keep the SiT's learning rate constant after --vae_freeze_step. By default it decays linearly to 0 over "
-        "the SiT's steps on the frozen VAE (train_repae.py --sit_lr_decay_start), an annealed end for its training.",
-    )
-    training.add_argument(
-        "--no_decoder_training",
-        action="store_true",
-        help="Freeze the decoder with the encoder at --vae_freeze_step (the SiT-only steps are then faster).",
-    )
-    training.add_argument(
-        "--max_train_minutes",
-        type=float,
-        default=7.3,
-        help="Safety cap: stop training after this many minutes even if --max_train_steps is not reached (the "
-        "log says so). The default run trains for about 7.4 minutes on a 2-core CPU with bf16 units.",
-    )
-    training.add_argument("--train_batch_size", type=int, default=16, help="Batch size.")
-    training.add_argument("--learning_rate", type=float, default=5e-4, help="Learning rate of the SiT.")
-    training.add_argument("--vae_learning_rate", type=float, default=1e-3, help="Learning rate of the VAE.")
-    training.add_argument("--ema_decay", type=float, default=0.995, help="EMA decay of the SiT.")
-    training.add_argument("--seed", type=int, default=0, help="Seed for training and sampling.")
-    training.add_argument(
+    stages.add_argument("--train_batch_size", type=int, default=16, help="Batch size of every stage.")
+    stages.add_argument("--learning_rate", type=float, default=5e-4, help="Learning rate of the SiT.")
+    stages.add_argument("--vae_learning_rate", type=float, default=1e-3, help="Learning rate of the VAE.")
+    stages.add_argument("--ema_decay", type=float, default=0.995, help="EMA decay of the SiT.")
+    stages.add_argument("--seed", type=int, default=0, help="Seed for training and sampling.")
+    stages.add_argument(
         "--mixed_precision",
         choices=["auto", "no", "bf16"],
         default="auto",
@@ -164,26 +147,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.dataset_name and args.train_data_dir:
         parser.error("give --train_data_dir or --dataset_name, not both.")
-    if args.decoder_latent_noise < 0:
-        parser.error(f"--decoder_latent_noise must be >= 0, got {args.decoder_latent_noise}.")
-    if args.no_decoder_training or not args.vae_freeze_step:
-        args.decoder_only_step = 0  # there is no decoder phase to end with
-    if args.decoder_only_step and args.decoder_only_step <= args.vae_freeze_step:
+    for flag in ("stage1_steps", "stage2_steps"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
+    if args.decoder_steps < 0:
+        parser.error(f"--decoder_steps must be >= 0, got {args.decoder_steps}.")
+    if args.decoder_steps and not 0 <= args.decoder_gan_start < args.decoder_steps:
         parser.error(
-            f"--decoder_only_step must be 0 or > --vae_freeze_step ({args.vae_freeze_step}), got "
-            f"{args.decoder_only_step}."
+            f"--decoder_gan_start must be in [0, --decoder_steps={args.decoder_steps}), got {args.decoder_gan_start}."
         )
-    if args.gan_start < 0 or args.gan_weight <= 0:
+    if args.decoder_latent_noise < 0 or args.gan_weight <= 0:
         parser.error(
-            f"--gan_start must be >= 0 (0: no GAN) and --gan_weight > 0, got {args.gan_start} and {args.gan_weight}."
+            f"--decoder_latent_noise must be >= 0 and --gan_weight > 0, got {args.decoder_latent_noise} and "
+            f"{args.gan_weight}."
         )
     if args.num_eval_samples < 10:
         parser.error(f"--num_eval_samples must be >= 10, got {args.num_eval_samples}.")
-    if args.vae_freeze_step and args.vae_freeze_step <= args.vae_warmup_steps:
-        parser.error(
-            f"--vae_freeze_step must be 0 (never freeze) or > --vae_warmup_steps ({args.vae_warmup_steps}), got "
-            f"{args.vae_freeze_step}."
-        )
     return args
 
 
@@ -208,52 +187,101 @@ def data_flags(args) -> list[str]:
     return flags
 
 
-def train(args, pipeline_dir: Path, precision: str) -> None:
-    """The demo recipe through train_repae.py (its step, checkpoints, EMA and export)."""
-    train_repae.main(
-        [
-            "--recipe", RECIPE, "--enc_type", "efficientnet-lite0", "--no_lpips", *gan_flags(args),
-            "--weighting", "lognormal",
-            "--mixed_precision", precision, "--train_batch_size", str(args.train_batch_size),
-            "--max_train_steps", str(args.max_train_steps), "--max_train_minutes", str(args.max_train_minutes),
-            "--vae_warmup_steps", str(args.vae_warmup_steps),
-            *(frozen_phase_flags(args) if args.vae_freeze_step else []),
-            "--learning_rate", str(args.learning_rate), "--vae_learning_rate", str(args.vae_learning_rate),
-            "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", str(min(100, args.max_train_steps)),
-            "--ema_decay", str(args.ema_decay), "--checkpointing_steps", "500", "--checkpoints_total_limit", "1",
-            "--validation_steps", "0", "--dataloader_num_workers", "0", "--seed", str(args.seed),
-            "--output_dir", str(pipeline_dir), "--report_to", "tensorboard",
-        ]
-        + data_flags(args)
-    )  # fmt: skip
-
-
-def gan_flags(args) -> list[str]:
-    """train_repae.py flags of the GAN term: a small discriminator, adaptive weight, active from --gan_start."""
-    start = args.gan_start or 1_000_000_000  # never
+def run_flags(args, output_dir: Path, steps: int, precision: str) -> list[str]:
+    """What every training stage shares: batch, steps, precision, one checkpoint at the end, no validation."""
     return [
-        "--disc_start",
-        str(start),
-        "--disc_ndf",
-        "32",
-        "--adaptive_disc_weight",
-        "--disc_weight",
-        str(args.gan_weight),
-    ]
+        "--output_dir", str(output_dir), "--max_train_steps", str(steps), "--train_batch_size",
+        str(args.train_batch_size), "--mixed_precision", precision, "--seed", str(args.seed),
+        "--checkpointing_steps", str(steps), "--checkpoints_total_limit", "1", "--validation_steps", "0",
+        "--dataloader_num_workers", "0", "--report_to", "tensorboard", *data_flags(args),
+    ]  # fmt: skip
 
 
-def frozen_phase_flags(args) -> list[str]:
-    """train_repae.py flags of the steps after the freeze: reuse each image's targets, anneal the SiT's learning rate
-    (unless ``--constant_sit_lr``) and (unless ``--no_decoder_training``) keep training the decoder on
-    noise-perturbed latents."""
-    flags = ["--vae_freeze_step", str(args.vae_freeze_step), "--cache_frozen_targets"]
-    if not args.constant_sit_lr:
-        flags += ["--sit_lr_decay_start", str(args.vae_freeze_step)]
-    if not args.no_decoder_training:
-        flags += ["--train_decoder_after_freeze", "--decoder_latent_noise", str(args.decoder_latent_noise)]
-        if args.decoder_only_step:
-            flags += ["--decoder_only_step", str(args.decoder_only_step)]
-    return flags
+def gan_flags(args, start: int) -> list[str]:
+    """A small patch-GAN discriminator, adaptively weighted, active from ``start``."""
+    return ["--disc_start", str(start), "--disc_ndf", "32", "--adaptive_disc_weight", "--disc_weight",
+            str(args.gan_weight)]  # fmt: skip
+
+
+def stage_commands(args, out: Path, precision: str) -> list[tuple[str, list[str]]]:
+    """(name, command) of each stage, in order; each reads the folders the earlier ones wrote."""
+    stage1, latents, stage2, stage3 = (
+        out / name for name in ("stage1-repae", "latents", "stage2-ldm", "stage3-decoder")
+    )
+
+    def warmup(steps: int) -> list[str]:
+        return ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", str(min(100, steps))]
+
+    encoder = ["--enc_type", "efficientnet-lite0", "--weighting", "lognormal", "--ema_decay", str(args.ema_decay)]
+    commands = [
+        ("stage 1: end-to-end REPA-E (VAE + SiT + alignment)", [
+            "train_repae.py", "--recipe", RECIPE, *encoder, "--no_lpips", *gan_flags(args, 1_000_000_000),
+            *warmup(args.stage1_steps),
+            "--learning_rate", str(args.learning_rate), "--vae_learning_rate", str(args.vae_learning_rate),
+            *run_flags(args, stage1, args.stage1_steps, precision),
+        ]),
+        ("latent cache of the stage-1 VAE", [
+            "cache_latents.py", "--vae", str(stage1), "--output_dir", str(latents), *data_flags(args),
+        ]),
+        ("stage 2: the SiT on the frozen end-to-end VAE", [
+            "train_ldm.py", "--pretrained_model_name_or_path", str(stage1), "--latents_dir", str(latents), *encoder,
+            "--learning_rate", str(args.learning_rate), "--lr_scheduler", "linear", "--lr_warmup_steps", "0",
+            *run_flags(args, stage2, args.stage2_steps, precision),
+        ]),
+    ]  # fmt: skip
+    if args.decoder_steps:
+        commands.append(("stage 3: the decoder on the frozen encoder", [
+            "train_vae.py", "--vae", str(stage1), "--freeze_encoder", "--decoder_latent_noise",
+            str(args.decoder_latent_noise), "--no_lpips", *gan_flags(args, args.decoder_gan_start),
+            *warmup(args.decoder_steps),
+            "--lr_decay_start", str(args.decoder_gan_start), "--vae_learning_rate", str(args.vae_learning_rate),
+            *run_flags(args, stage3, args.decoder_steps, precision),
+        ]))  # fmt: skip
+    return commands
+
+
+def run_stage(name: str, command: list[str]) -> float:
+    """Runs one stage's script in its own process; returns its wall time in minutes."""
+    print(f"      {name}: python training/{' '.join(command)}", flush=True)
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, str(SCRIPTS / command[0]), *command[1:]])
+    if result.returncode != 0:
+        raise UserError(f"{name} failed (exit status {result.returncode}); its output is above.")
+    return (time.perf_counter() - start) / 60
+
+
+def compose_pipeline(out: Path, args) -> Path:
+    """demo/pipeline: the stage-2 pipeline with the stage-3 VAE (same encoder, so the same latents and statistics),
+    sampling by default as the demo scores."""
+    from diffusers import AutoencoderKL
+
+    stage2, stage3, pipeline_dir = out / "stage2-ldm", out / "stage3-decoder", out / "pipeline"
+    vae = AutoencoderKL.from_pretrained(stage3) if args.decoder_steps else None
+    pipe = RepaEPipeline.from_pretrained(stage2, **({"vae": vae} if vae is not None else {}))
+    pipe.save_pretrained(pipeline_dir)
+    set_sampling_defaults(pipeline_dir, args.num_inference_steps, args.guidance_scale)
+    card = (stage2 / "README.md").read_text()
+    if args.decoder_steps:
+        card += f"\n\nThe VAE's decoder was then fine-tuned on the frozen encoder: see {stage3 / 'README.md'}.\n"
+    (pipeline_dir / "README.md").write_text(card)
+    return pipeline_dir
+
+
+def combined_loss_curves(out: Path) -> None:
+    """The stages' loss curves side by side in one picture."""
+    from PIL import Image
+
+    parts = [Image.open(path) for name in ("stage1-repae", "stage2-ldm", "stage3-decoder")
+             if (path := out / name / "loss_curves.png").is_file()]  # fmt: skip
+    if not parts:
+        return
+    height = max(part.height for part in parts)
+    canvas = Image.new("RGB", (sum(part.width for part in parts), height), "white")
+    x = 0
+    for part in parts:
+        canvas.paste(part, (x, 0))
+        x += part.width
+    canvas.save(out / "loss_curves.png")
 
 
 def set_sampling_defaults(pipeline_dir: Path, num_inference_steps: int, guidance_scale: float) -> None:
@@ -322,7 +350,6 @@ def main(argv: list[str] | None = None) -> dict:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    pipeline_dir = out / "pipeline"
     precision = "bf16" if args.mixed_precision == "auto" and cpu_has_bf16() else args.mixed_precision
     precision = "no" if precision == "auto" else precision
 
@@ -339,37 +366,18 @@ def main(argv: list[str] | None = None) -> dict:
     if data.attribution:
         print(f"      {data.attribution}")
 
-    print("[2/4] end-to-end REPA-E training (VAE + SiT + alignment, train_repae.py) ...", flush=True)
-    if args.vae_freeze_step and args.vae_freeze_step < args.max_train_steps:
-        sit_end = min(args.decoder_only_step or args.max_train_steps, args.max_train_steps)
-        print(
-            f"      end-to-end for {args.vae_freeze_step} steps, then the VAE is frozen and the SiT trains on for "
-            f"{sit_end - args.vae_freeze_step} steps (--vae_freeze_step)"
-            + ("" if args.constant_sit_lr else ", its learning rate decaying to 0")
-        )
-        if not args.no_decoder_training:
-            print(
-                "      from then on the decoder keeps training, on latents plus noise of up to "
-                f"{args.decoder_latent_noise} x their spread (--decoder_latent_noise)"
-            )
-        if sit_end < args.max_train_steps:
-            print(
-                f"      the last {args.max_train_steps - sit_end} steps train the decoder alone, its learning rate "
-                "decaying to 0 (--decoder_only_step)"
-            )
-    if args.gan_start and args.gan_start < args.max_train_steps:
-        print(f"      the VAE's loss has its patch-GAN term from step {args.gan_start} on (--gan_start)")
-    gan = bool(args.gan_start) and args.gan_start < args.max_train_steps
-    print(f"      NOTE: no LPIPS term (VGG16 weights are not available offline){'' if gan else ' and no GAN term'}.")
-    if args.vae_warmup_steps:
-        print(f"      the first {args.vae_warmup_steps} steps train only the VAE (it starts from random weights).")
+    print("[2/4] training, stage by stage (each stage is a script run; its folder is reusable) ...", flush=True)
+    print(
+        "      NOTE: no LPIPS term (VGG16 weights are not available offline); the GAN term only in the decoder stage."
+    )
     print(f"      precision: {'bf16 autocast' if precision == 'bf16' else 'fp32'}; {torch.get_num_threads()} threads")
-    train_start = time.perf_counter()
-    train(args, pipeline_dir, precision)
-    train_minutes = (time.perf_counter() - train_start) / 60
+    stage_minutes = {}
+    for name, command in stage_commands(args, out, precision):
+        stage_minutes[name] = round(run_stage(name, command), 2)
+    pipeline_dir = compose_pipeline(out, args)
+    train_minutes = sum(stage_minutes.values())
 
     print("[3/4] sampling and scoring against the training images ...", flush=True)
-    set_sampling_defaults(pipeline_dir, args.num_inference_steps, args.guidance_scale)
     pipe = RepaEPipeline.from_pretrained(pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
     call = {
@@ -379,8 +387,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     samples, labels = balanced_samples(pipe, args.num_eval_samples, seed=args.seed, **call)
     reference, reference_labels = dataset_images(data.dataset)
-    extractor = build_feature_extractor("efficientnet-lite0")
-    reference_features = pooled_features(extractor, reference)
+    extractor, reference_features = cached_reference_features(reference)
     scores = score_features(reference_features, pooled_features(extractor, samples))
     # the VAE alone, on as many training images as samples: the bound its reconstructions put on the samples
     reconstructed_ids = np.random.default_rng(args.seed).permutation(len(reference))[: len(samples)]
@@ -396,20 +403,23 @@ def main(argv: list[str] | None = None) -> dict:
         "resolution": args.resolution,
         "sampler": {"name": args.sampler, **{k: v for k, v in call.items() if k != "sampler"}},
         "seed": args.seed,
+        "stage_minutes": stage_minutes,
         "train_minutes": round(train_minutes, 2),
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
     print("[4/4] pictures ...", flush=True)
     names = {int(k): v for k, v in pipe.id2label.items()}
     labelled_rows(samples, labels, names).save(out / "samples.png")
     picked = spread_over_classes(reference_labels, 16)
     reconstruction_grid(pipe.vae, reference[picked]).save(out / "reconstructions.png")
-    if (pipeline_dir / "loss_curves.png").is_file():
-        shutil.copy(pipeline_dir / "loss_curves.png", out / "loss_curves.png")
+    combined_loss_curves(out)
+    metrics["total_minutes"] = round((time.perf_counter() - start) / 60, 2)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
     print()
-    print(f"done in {(time.perf_counter() - start) / 60:.1f} min (training {train_minutes:.1f} min)")
+    print(f"done in {metrics['total_minutes']:.1f} min (training {train_minutes:.1f} min)")
+    for name, minutes in stage_minutes.items():
+        print(f"      {minutes:5.1f} min  {name}")
     print(
         f"  score against the {len(reference)} training images, {len(samples)} samples "
         f"({args.sampler}, {args.num_inference_steps} steps, guidance {args.guidance_scale}):"
@@ -425,9 +435,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  metrics:                        {out / 'metrics.json'}")
     print(f"  samples, one row per class:     {out / 'samples.png'}")
     print(f"  real above reconstructed:       {out / 'reconstructions.png'}")
-    print(f"  loss curves:                    {out / 'loss_curves.png'}")
+    print(f"  loss curves (stages 1, 2, 3):   {out / 'loss_curves.png'}")
     print(f"  pipeline:                       RepaEPipeline.from_pretrained({str(pipeline_dir)!r})")
-    print(f"  tensorboard logs:               tensorboard --logdir {pipeline_dir / 'logs'}")
+    print(f"  each stage's output folder:     {out}/stage1-repae, stage2-ldm, stage3-decoder")
     return metrics
 
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import torch
 from accelerate.logging import get_logger
 
 from diffusers_repae import LatentBatchNorm, RepaEPipeline, build_component, load_component_config
+from diffusers_repae.cli import UserError
 from diffusers_repae.schedulers import scheduler_for_path_type
 from diffusers_repae.training.checkpointing import (
     LossHistory,
@@ -32,12 +34,10 @@ from diffusers_repae.training.data import add_data_args, build_dataloader, train
 from diffusers_repae.training.ema import ModelEMA
 from diffusers_repae.training.model_card import PIPELINE_TAGS, save_model_card
 from diffusers_repae.training.repae_step import (
-    FrozenTargetCache,
     RepaEHyperParameters,
     RepaEModels,
     VAEWithPosterior,
     ema_target,
-    linear_decay_factor,
     train_step,
 )
 from diffusers_repae.training.trainer import (
@@ -78,6 +78,29 @@ RECIPE_VAES = {
 }
 
 
+# Options of the single-run demo recipe that became stages of their own: where each one lives now (RUN: this
+# script's --output_dir).
+STAGE_2 = "stage 2, a SiT on the frozen end-to-end VAE, is train_ldm.py --pretrained_model_name_or_path RUN"
+DECODER = "decoder fine-tuning on the frozen encoder is train_vae.py --vae RUN --freeze_encoder"
+MOVED_FLAGS = {
+    "--vae_freeze_step": STAGE_2,
+    "--cache_frozen_targets": STAGE_2 + " --latents_dir (made by cache_latents.py --vae RUN)",
+    "--sit_lr_decay_start": STAGE_2 + " --lr_scheduler linear",
+    "--train_decoder_after_freeze": DECODER,
+    "--decoder_latent_noise": DECODER + " --decoder_latent_noise",
+    "--decoder_only_step": DECODER + " --lr_decay_start",
+    "--vae_warmup_steps": "a VAE trained from scratch first is training/train_vae.py; pass its output as --vae",
+}
+
+
+def refuse_moved_flags(argv: list[str]) -> None:
+    """One line for an option that moved to another stage's script, instead of argparse's 'unrecognized'."""
+    for item in argv:
+        flag = item.split("=", 1)[0]
+        if flag in MOVED_FLAGS:
+            raise UserError(f"{flag} is no longer an option of train_repae.py: {MOVED_FLAGS[flag]}.")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="End-to-end REPA-E training (VAE + SiT + discriminator).")
     # models
@@ -102,95 +125,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--vae_align_proj_coeff", type=float, default=1.5, help="Alignment weight in the VAE loss (end-to-end)."
     )
     parser.add_argument("--bn_momentum", type=float, default=0.1, help="Momentum of the latent BatchNorm.")
-    parser.add_argument(
-        "--vae_warmup_steps",
-        type=int,
-        default=0,
-        help="Train only the VAE's reconstruction for this many first steps, then REPA-E as usual. Not in the "
-        "original (0, the default), which starts from a trained VAE; useful when --vae is not given.",
-    )
-    parser.add_argument(
-        "--vae_freeze_step",
-        type=int,
-        default=None,
-        help="From this step on, freeze the VAE and train only the SiT (denoising + alignment) on its latents: the "
-        "paper's second stage, an LDM on the end-to-end-tuned VAE, continued in the same run. These steps skip the "
-        "VAE backward and decoder (about twice as fast in the demo's CPU recipe). Default: end-to-end to the last "
-        "step, as the original.",
-    )
-    parser.add_argument(
-        "--cache_frozen_targets",
-        action="store_true",
-        help="After --vae_freeze_step, compute each distinct training image's VAE posterior and encoder tokens "
-        "once and reuse them in later epochs (kept in memory, up to 50,000 images): SiT-only steps then run the SiT "
-        "alone. For small datasets seen for many epochs; a streamed dataset rarely repeats an image.",
-    )
-    parser.add_argument(
-        "--train_decoder_after_freeze",
-        action="store_true",
-        help="After --vae_freeze_step keep training the VAE's decoder (with the VAE's loss and optimiser) while the "
-        "encoder stays frozen, so the SiT's latent space does not move: the decoder improves for the cost of its "
-        "own pass. Not in the original.",
-    )
-    parser.add_argument(
-        "--decoder_latent_noise",
-        type=float,
-        default=0.0,
-        help="With --train_decoder_after_freeze: the decoder sees latents plus Gaussian noise of up to this times "
-        "each channel's std (uniform per sample), so that it also decodes the SiT's imperfect latents well. 0: none.",
-    )
-    parser.add_argument(
-        "--decoder_only_step",
-        type=int,
-        default=None,
-        help="With --train_decoder_after_freeze: from this step on only the decoder trains (the SiT, projector and "
-        "their EMA stay as they are), at the cost of the decoder's pass alone, and the VAE optimiser's learning "
-        "rate decays linearly to 0 at --max_train_steps: for when the SiT has plateaued on the frozen latents and "
-        "the decoder has not. Default: the SiT trains to the last step.",
-    )
-    parser.add_argument(
-        "--sit_lr_decay_start",
-        type=int,
-        default=None,
-        help="From this step on the SiT's (and projector's) learning rate decays linearly to 0 at the last step the "
-        "SiT trains (--decoder_only_step, else --max_train_steps), on top of --lr_scheduler: an annealed end for a "
-        "SiT whose loss has plateaued at a constant rate (the demo: from --vae_freeze_step). Default: no decay.",
-    )
     add_vae_loss_args(parser)
     add_sit_training_args(parser, tracker_project_name="train_repae")
     add_data_args(parser)
+    refuse_moved_flags(argv if argv is not None else sys.argv[1:])
     args = parser.parse_args(argv)
 
     check_vae_loss_args(args)
     check_sit_training_args(args)
-    if args.vae_warmup_steps < 0:
-        parser.error(f"--vae_warmup_steps must be >= 0, got {args.vae_warmup_steps}.")
-    if args.vae_freeze_step is not None and args.vae_freeze_step <= args.vae_warmup_steps:
-        parser.error(
-            f"--vae_freeze_step must be > --vae_warmup_steps ({args.vae_warmup_steps}), got {args.vae_freeze_step}: "
-            "the SiT needs some end-to-end steps before the VAE is frozen."
-        )
-    if args.train_decoder_after_freeze and args.vae_freeze_step is None:
-        parser.error("--train_decoder_after_freeze needs --vae_freeze_step (before it the whole VAE trains anyway).")
-    if args.decoder_latent_noise < 0 or (args.decoder_latent_noise and not args.train_decoder_after_freeze):
-        parser.error(
-            "--decoder_latent_noise must be >= 0 and needs --train_decoder_after_freeze, got "
-            f"{args.decoder_latent_noise}."
-        )
-    if args.decoder_only_step is not None and not (
-        args.train_decoder_after_freeze and args.decoder_only_step > args.vae_freeze_step
-    ):
-        parser.error(
-            f"--decoder_only_step must be > --vae_freeze_step ({args.vae_freeze_step}) and needs "
-            f"--train_decoder_after_freeze, got {args.decoder_only_step}."
-        )
-    if args.sit_lr_decay_start is not None and not 0 <= args.sit_lr_decay_start < sit_last_step(args):
-        parser.error(
-            f"--sit_lr_decay_start must be >= 0 and before the SiT's last step ({sit_last_step(args)}: "
-            f"--decoder_only_step, else --max_train_steps), got {args.sit_lr_decay_start}."
-        )
-    if args.cache_frozen_targets and args.vae_freeze_step is None:
-        parser.error("--cache_frozen_targets needs --vae_freeze_step (the targets change while the VAE trains).")
     return args
 
 
@@ -247,61 +189,9 @@ def model_card(args, data, num_params: dict[str, int], global_step: int, global_
             + f" (`--disc_weight {args.disc_weight}`).",
             "",
         ]
-    if args.vae_warmup_steps:
-        lines += [
-            f"The first {args.vae_warmup_steps} steps trained only the VAE's reconstruction (`--vae_warmup_steps`).",
-            "",
-        ]
-    sit_lr_decay_start = getattr(args, "sit_lr_decay_start", None)
-    if sit_lr_decay_start is not None and sit_lr_decay_start < global_step:
-        lines += [
-            f"The SiT's learning rate decayed linearly from step {sit_lr_decay_start} towards 0 at step "
-            f"{sit_last_step(args)} (`--sit_lr_decay_start`).",
-            "",
-        ]
-    if args.vae_freeze_step is not None and args.vae_freeze_step < global_step:
-        sit_end = min(sit_last_step(args), global_step)
-        lines += [
-            f"**End-to-end for the first {args.vae_freeze_step} steps only** (`--vae_freeze_step`): the VAE was then "
-            "frozen and the SiT trained on its latents (denoising + alignment) for "
-            f"{sit_end - args.vae_freeze_step} more steps.",
-            "",
-        ]
-        if getattr(args, "train_decoder_after_freeze", False):
-            noise = getattr(args, "decoder_latent_noise", 0.0)
-            lines += [
-                "In those steps the VAE's decoder kept training on the frozen encoder's latents "
-                "(`--train_decoder_after_freeze`)"
-                + (f", perturbed by Gaussian noise of up to {noise} x each channel's std." if noise else ".")
-                + " The latent space the SiT models did not move.",
-                "",
-            ]
-        if sit_end < global_step:
-            lines += [
-                f"The last {global_step - sit_end} steps trained the decoder alone (`--decoder_only_step`), its "
-                "learning rate decaying linearly to 0.",
-                "",
-            ]
     if data.attribution:
         lines += ["## Training data licence", "", data.attribution, ""]
     return "\n".join(lines)
-
-
-def sit_last_step(args) -> int:
-    """The step the SiT stops training at: --decoder_only_step, else --max_train_steps."""
-    decoder_only_step = getattr(args, "decoder_only_step", None)
-    return args.max_train_steps if decoder_only_step is None else min(decoder_only_step, args.max_train_steps)
-
-
-def lr_factors(args) -> dict:
-    """Multipliers on --lr_scheduler: with --decoder_only_step the VAE optimiser (only the decoder still trains)
-    anneals to 0 at the last step; with --sit_lr_decay_start the SiT's anneals to 0 at the SiT's last step."""
-    factors = {}
-    if args.decoder_only_step is not None:
-        factors["vae"] = linear_decay_factor(args.decoder_only_step, args.max_train_steps)
-    if args.sit_lr_decay_start is not None:
-        factors["sit"] = linear_decay_factor(args.sit_lr_decay_start, sit_last_step(args))
-    return factors
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -394,7 +284,6 @@ def main(argv: list[str] | None = None) -> Path:
         optimizer_vae=optimizer_vae,
         optimizer_disc=optimizer_disc,
         optimizer_sit=optimizer_sit,
-        frozen_cache=FrozenTargetCache() if args.cache_frozen_targets else None,
     )
     models.ema = ModelEMA(ema_target(accelerator, models), decay=args.ema_decay)  # starts as an exact copy
     generators = ProcessGenerators(accelerator, args.seed)
@@ -415,11 +304,6 @@ def main(argv: list[str] | None = None) -> Path:
         weighting=args.weighting,
         cfg_prob=args.cfg_prob,
         max_grad_norm=args.max_grad_norm,
-        vae_warmup_steps=args.vae_warmup_steps,
-        vae_freeze_step=args.vae_freeze_step,
-        train_decoder_after_freeze=args.train_decoder_after_freeze,
-        decoder_latent_noise=args.decoder_latent_noise,
-        decoder_only_step=args.decoder_only_step,
     )
 
     global_step, resume = resume_and_start_trackers(args, accelerator)
@@ -445,7 +329,7 @@ def main(argv: list[str] | None = None) -> Path:
     optimizers = {"sit": optimizer_sit, "vae": optimizer_vae, "disc": optimizer_disc}
     global_step = run_training_loop(
         args, accelerator, data, dataloader, step_fn, optimizers, history, global_step, resume, validate,
-        postfix_keys=("sit/loss", "vae/loss"), lr_factors=lr_factors(args),
+        postfix_keys=("sit/loss", "vae/loss"),
     )  # fmt: skip
 
     accelerator.wait_for_everyone()

@@ -20,6 +20,7 @@ measured on the training data (posterior samples, ``scaling_factor`` 1.0), so it
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 
@@ -47,6 +48,7 @@ from diffusers_repae.training.trainer import (
     enable_gradient_checkpointing,
     global_batch_size,
     grid_image,
+    linear_decay_factor,
     load_starting_discriminator,
     load_starting_vae,
     make_adamw,
@@ -56,7 +58,7 @@ from diffusers_repae.training.trainer import (
     run_training_loop,
     setup_accelerator,
 )
-from diffusers_repae.training.vae_step import reconstruction_pairs, vae_train_step
+from diffusers_repae.training.vae_step import VAEWithFrozenEncoder, reconstruction_pairs, vae_train_step
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -80,6 +82,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Start from this AutoencoderKL folder (or a pipeline folder with vae/) instead of random weights.",
     )
+    decoder = parser.add_argument_group(
+        "decoder fine-tuning: a sharper decoder for a fixed latent space (e.g. after REPA-E stages 1 and 2)"
+    )
+    decoder.add_argument(
+        "--freeze_encoder",
+        action="store_true",
+        help="Train only the decoder (and post_quant_conv) of --vae; the encoder, and so the latents a diffusion "
+        "model was trained on, stay fixed, and the exported VAE keeps --vae's latents_mean/latents_std.",
+    )
+    decoder.add_argument(
+        "--decoder_latent_noise",
+        type=float,
+        default=0.0,
+        help="With --freeze_encoder: decode latents plus Gaussian noise of up to this times each channel's "
+        "latents_std (per image, uniformly drawn), so that the decoder also decodes a diffusion model's imperfect "
+        "latents well. 0: no noise.",
+    )
+    decoder.add_argument(
+        "--lr_decay_start",
+        type=int,
+        default=None,
+        help="From this step on, every learning rate decays linearly to 0 at --max_train_steps (on top of "
+        "--lr_scheduler). Default: no decay.",
+    )
     add_vae_loss_args(parser)
     opt, log = add_run_args(parser, tracker_project_name="train_vae")
     log.add_argument(
@@ -98,6 +124,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_run_args(args)
     if args.num_validation_images < 1 or args.latent_stats_images < 0:
         raise ValueError("--num_validation_images must be >= 1 and --latent_stats_images >= 0.")
+    if args.freeze_encoder and args.vae is None:
+        raise ValueError("--freeze_encoder fine-tunes the decoder of a trained VAE: pass --vae.")
+    if args.decoder_latent_noise and not args.freeze_encoder:
+        raise ValueError("--decoder_latent_noise only applies with --freeze_encoder.")
+    if not math.isfinite(args.decoder_latent_noise) or args.decoder_latent_noise < 0:
+        raise ValueError(f"--decoder_latent_noise must be a finite number >= 0, got {args.decoder_latent_noise}.")
+    if args.lr_decay_start is not None and not 0 <= args.lr_decay_start < args.max_train_steps:
+        raise ValueError(
+            f"--lr_decay_start must be in [0, --max_train_steps={args.max_train_steps}), got {args.lr_decay_start}."
+        )
     return args
 
 
@@ -125,6 +161,25 @@ def measured_latent_stats(args, vae, data):
     return dataset_latent_stats(vae, loader, generator=generator, max_images=args.latent_stats_images or None)
 
 
+def statistics_sentence(args, stats) -> str:
+    """What the model card says about the decoder fine-tuning (if any) and where latents_mean/std come from."""
+    if stats is None:
+        noise = f", on latents plus noise of up to {args.decoder_latent_noise} x latents_std" * bool(
+            args.decoder_latent_noise
+        )
+        decay = f" The learning rates decayed linearly to 0 from step {args.lr_decay_start}." * (
+            args.lr_decay_start is not None
+        )
+        return (
+            f"Only the decoder was trained (encoder frozen{noise}), so the latent space, and `latents_mean` / "
+            f"`latents_std`, are those of `{args.vae}`.{decay}"
+        )
+    return (
+        f"`latents_mean` / `latents_std` were measured on {stats.count:,} latent values per channel (posterior "
+        "samples of the training images)."
+    )
+
+
 def model_card(args, data, stats, num_params: int, global_step: int, global_batch: int) -> str:
     """Body of the README.md (metadata: `save_model_card`): what was trained, with which losses, on what."""
     gan = (
@@ -141,8 +196,7 @@ def model_card(args, data, stats, num_params: int, global_step: int, global_batc
         "",
         f"Loss: {args.l1_weight} x L1 + {args.lpips_weight} x LPIPS + {args.kl_weight} x KL + PatchGAN hinge ({gan}).",
         "",
-        f"`latents_mean` / `latents_std` were measured on {stats.count:,} latent values per channel (posterior "
-        "samples of the training images). Load it with",
+        statistics_sentence(args, stats) + " Load it with",
         "```py",
         "from diffusers import AutoencoderKL",
         f'vae = AutoencoderKL.from_pretrained("{args.output_dir}")',
@@ -171,9 +225,13 @@ def main(argv: list[str] | None = None) -> Path:
     vae = load_starting_vae(args)
     discriminator = load_starting_discriminator(args)
     vae_loss = build_vae_loss(args, accelerator.device)
-    vae_module = VAEWithPosterior(vae)
+    if args.freeze_encoder:
+        vae_module = VAEWithFrozenEncoder(vae, args.decoder_latent_noise)
+    else:
+        vae_module = VAEWithPosterior(vae)
     enable_gradient_checkpointing(args, vae)
-    optimizer_vae = make_adamw(args, vae_module.parameters(), args.vae_learning_rate)
+    trainable = [p for p in vae_module.parameters() if p.requires_grad]
+    optimizer_vae = make_adamw(args, trainable, args.vae_learning_rate)
     optimizer_disc = make_adamw(args, discriminator.parameters(), args.disc_learning_rate)
     vae_module, discriminator, optimizer_vae, optimizer_disc = accelerator.prepare(
         vae_module, discriminator, optimizer_vae, optimizer_disc
@@ -204,16 +262,24 @@ def main(argv: list[str] | None = None) -> Path:
         save_reconstructions(vae, validation_images, output_dir / "validation" / f"step-{step:07d}.png")
 
     optimizers = {"vae": optimizer_vae, "disc": optimizer_disc}
+    lr_factors = None
+    if args.lr_decay_start is not None:
+        decay = linear_decay_factor(args.lr_decay_start, args.max_train_steps)
+        lr_factors = {"vae": decay, "disc": decay}
     global_step = run_training_loop(
         args, accelerator, data, dataloader, step_fn, optimizers, history, global_step, resume, validate,
-        postfix_keys=("vae/loss", "disc/loss"),
+        postfix_keys=("vae/loss", "disc/loss"), lr_factors=lr_factors,
     )  # fmt: skip
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         trained = accelerator.unwrap_model(vae_module).vae.eval()
-        stats = measured_latent_stats(args, trained, data)
-        with_latent_stats(trained, stats).save_pretrained(output_dir)
+        if args.freeze_encoder:  # the latent space is --vae's: so are its statistics
+            stats = None
+            trained.save_pretrained(output_dir)
+        else:
+            stats = measured_latent_stats(args, trained, data)
+            with_latent_stats(trained, stats).save_pretrained(output_dir)
         accelerator.unwrap_model(discriminator).save_pretrained(output_dir / "discriminator")
         save_reconstructions(trained, validation_images, output_dir / "reconstructions.png")
         global_batch = global_batch_size(args, accelerator.num_processes)
@@ -221,10 +287,10 @@ def main(argv: list[str] | None = None) -> Path:
         save_model_card(output_dir, card, data.source, base_model=args.vae, tags=VAE_TAGS)
         if history.records:
             plot_loss_curves(history, output_dir / "loss_curves.png")
-        logger.info(
-            f"AutoencoderKL saved to {output_dir}: latents_mean {[round(v, 4) for v in stats.mean.tolist()]}, "
-            f"latents_std {[round(v, 4) for v in stats.std.tolist()]}"
-        )
+        origin = " (those of --vae: its encoder was frozen)" if stats is None else ""
+        config = trained.config
+        logger.info(f"AutoencoderKL saved to {output_dir}: latents_mean {config.latents_mean}, latents_std "
+                    f"{config.latents_std}{origin}")  # fmt: skip
     accelerator.end_training()
     return output_dir
 

@@ -6,11 +6,15 @@ class-balanced samples of a pipeline, each image's noise fixed by ``(seed, index
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
 
-from .features import extract_features
+from .features import build_feature_extractor, extract_features
 from .metrics import frechet_distance_from_features, precision_recall
 from .reconstruction import reconstruct
 from .sampling import generate_batch, sample_labels
@@ -69,3 +73,27 @@ def reconstructions(vae: nn.Module, images: np.ndarray, batch_size: int = 64) ->
         channels_first = torch.from_numpy(batch).permute(0, 3, 1, 2).to(vae.device)
         decoded.append(reconstruct(vae, channels_first).permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(decoded)
+
+
+def cached_reference_features(
+    images: np.ndarray, extractor_name: str = "efficientnet-lite0", cache_dir: str | Path | None = None
+) -> tuple[nn.Module, np.ndarray]:
+    """The extractor and the pooled features of the reference ``images``, computed once per distinct image set
+    (keyed by the images' bytes) and then read from ``cache_dir/reference_features`` (default: the package's cache
+    folder): the demo's embedded data need not be featurised again on every run."""
+    from ..training.openmoji import default_cache_dir
+
+    extractor = build_feature_extractor(extractor_name)
+    key = hashlib.sha256(images.tobytes() + str(images.shape).encode()).hexdigest()[:32]
+    path = Path(cache_dir or default_cache_dir()) / "reference_features" / f"{extractor_name}-{key}.npy"
+    if path.is_file():
+        try:
+            return extractor, np.load(path, allow_pickle=False)
+        except (OSError, ValueError):  # damaged: computed again below
+            pass
+    features = pooled_features(extractor, images, desc="reference features")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial.npy")
+    np.save(partial, features)
+    os.replace(partial, path)  # readers never see half a file
+    return extractor, features

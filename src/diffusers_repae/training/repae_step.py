@@ -8,15 +8,11 @@ same t and noise) -> EMA. All randomness of a step (posterior sample, t, noise, 
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from .ema import ModelEMA
@@ -58,17 +54,6 @@ class RepaEHyperParameters:
     max_grad_norm: float = 1.0
     # LDM-only training on a frozen VAE: the BN stays in eval mode at the VAE's statistics (no batch statistics).
     freeze_latent_norm: bool = False
-    # Not in the original (which starts from a trained VAE): the first steps train only the VAE's reconstruction.
-    vae_warmup_steps: int = 0
-    # From this step on the VAE is frozen and only the SiT trains on its latents (the paper's second stage, an LDM
-    # on the end-to-end-tuned VAE, continued in the same run); None: end-to-end to the last step, as the original.
-    vae_freeze_step: int | None = None
-    # After the freeze, keep training the decoder alone (the encoder, and so the SiT's latent space, stay frozen) on
-    # latents perturbed by Gaussian noise of up to decoder_latent_noise x each channel's spread.
-    train_decoder_after_freeze: bool = False
-    decoder_latent_noise: float = 0.0
-    # From this step on (after the freeze) only the decoder trains: the SiT, projector and their EMA stay as they are.
-    decoder_only_step: int | None = None
 
 
 @dataclass
@@ -86,8 +71,6 @@ class RepaEModels:
     optimizer_disc: torch.optim.Optimizer
     optimizer_sit: torch.optim.Optimizer
     ema: ModelEMA | None = None
-    # SiT-only steps after the freeze: reuse each image's posterior and encoder tokens (None: compute every step)
-    frozen_cache: FrozenTargetCache | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -313,7 +296,7 @@ def vae_reconstruction_update(
     global_step: int,
     max_grad_norm: float,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """VAE update on its generator loss alone (no alignment term): `train_vae.py`'s step and the REPA-E warm-up.
+    """VAE update on its generator loss alone (no alignment term): `train_vae.py`'s step.
 
     Returns the logged terms (``vae/*``, ``grad_norm/vae``), the detached latents and the detached reconstruction.
     """
@@ -327,193 +310,6 @@ def vae_reconstruction_update(
     return logs, z.detach(), reconstruction.detach()
 
 
-def vae_warmup_pass(
-    accelerator: Accelerator,
-    models: RepaEModels,
-    images: torch.Tensor,
-    generator: torch.Generator | None,
-    global_step: int,
-    max_grad_norm: float,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The REPA-E warm-up's VAE update (`vae_reconstruction_update`; the SiT is untouched), for runs that start from
-    a random VAE. The latent BN keeps tracking the latents so the joint phase starts with sensible statistics."""
-    logs, z, reconstruction = vae_reconstruction_update(
-        accelerator, models, images, generator, global_step, max_grad_norm
-    )
-    logs["vae/gen_loss"] = logs["vae/loss"]
-    models.latent_norm.train()
-    with torch.no_grad():
-        latent_norm_train(models.latent_norm, z.float())
-    return logs, reconstruction
-
-
-@torch.no_grad()
-def frozen_vae_posterior(
-    accelerator: Accelerator, models: RepaEModels, images: torch.Tensor
-) -> DiagonalGaussianDistribution:
-    """The frozen VAE's posterior of ``images`` (encoder only: no decoder pass, no gradient)."""
-    vae = accelerator.unwrap_model(models.vae).vae
-    vae.eval()
-    with accelerator.autocast():
-        return vae.encode(images).latent_dist
-
-
-class FrozenTargetCache:
-    """Once the VAE is frozen, an image's posterior and its encoder tokens never change again: they are computed
-    the first time each distinct image (keyed by its bytes, so flipped copies are their own entries) is seen and
-    reused in later epochs. Worth it when the dataset is small and the encoders dominate a SiT-only step; past
-    ``max_images`` entries it stops growing and computes the rest each time.
-    """
-
-    def __init__(self, max_images: int = 50_000):
-        self.max_images = max_images
-        self.entries: dict[bytes, tuple[torch.Tensor, ...]] = {}
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def lookup(self, pixel_values: torch.Tensor, compute) -> tuple[torch.Tensor, ...]:
-        """Per-image tensors ``compute(indices)`` returns for the batch rows ``indices``, stacked in batch order."""
-        keys = [hashlib.blake2b(image.tobytes(), digest_size=16).digest() for image in pixel_values.cpu().numpy()]
-        missing = [i for i, key in enumerate(keys) if key not in self.entries]
-        fresh = {}
-        if missing:
-            computed = compute(torch.tensor(missing, device=pixel_values.device))
-            for row, i in enumerate(missing):
-                fresh[keys[i]] = tuple(tensor[row] for tensor in computed)
-            room = self.max_images - len(self.entries)
-            self.entries.update(dict(list(fresh.items())[: max(room, 0)]))
-        rows = [fresh[key] if key in fresh else self.entries[key] for key in keys]
-        return tuple(torch.stack(parts) for parts in zip(*rows))
-
-
-def frozen_vae_targets(
-    accelerator: Accelerator, models: RepaEModels, images: torch.Tensor, pixel_values: torch.Tensor
-) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """``(encoder tokens, posterior mean, posterior std)`` of a batch under the frozen VAE, through
-    ``models.frozen_cache`` when there is one."""
-
-    def compute(rows: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        subset = slice(None) if rows is None else rows
-        posterior = frozen_vae_posterior(accelerator, models, images[subset])
-        return (posterior.mean, posterior.std, *encoder_features(models.encoders, pixel_values[subset]))
-
-    computed = compute() if models.frozen_cache is None else models.frozen_cache.lookup(pixel_values, compute)
-    mean, std, *zs = computed
-    return zs, mean, std
-
-
-def sit_only_pass(
-    accelerator: Accelerator,
-    models: RepaEModels,
-    hp: RepaEHyperParameters,
-    images: torch.Tensor,
-    pixel_values: torch.Tensor,
-    labels: torch.Tensor,
-    generator: torch.Generator | None,
-    global_step: int,
-) -> dict[str, torch.Tensor]:
-    """The step after ``hp.vae_freeze_step``: the SiT pass of a REPA-E step (denoising + alignment, latent BN in
-    training mode) on latents of the frozen VAE, drawing its randomness in the same order as the joint step; with
-    ``hp.train_decoder_after_freeze`` the decoder then trains on the same latents (`decoder_pass`)."""
-    zs, mean, std = frozen_vae_targets(accelerator, models, images, pixel_values)
-    # the posterior sample exactly as DiagonalGaussianDistribution.sample draws it (same generator stream)
-    latents = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    noise = draw_step_noise(latents, hp, generator)
-    logs = sit_pass(accelerator, models, hp, latents, labels, zs, noise)
-    if hp.train_decoder_after_freeze:
-        logs.update(decoder_pass(accelerator, models, hp, images, latents, mean, std, generator, global_step))
-    return logs
-
-
-def decoder_only_pass(
-    accelerator: Accelerator,
-    models: RepaEModels,
-    hp: RepaEHyperParameters,
-    images: torch.Tensor,
-    pixel_values: torch.Tensor,
-    generator: torch.Generator | None,
-    global_step: int,
-) -> dict[str, torch.Tensor]:
-    """The step from ``hp.decoder_only_step`` on: the decoder pass of `sit_only_pass` alone, on a posterior sample
-    of the frozen encoder (its tokens are not needed: taken from the cache when there is one, else not computed)."""
-    if models.frozen_cache is not None:
-        _, mean, std = frozen_vae_targets(accelerator, models, images, pixel_values)
-    else:
-        posterior = frozen_vae_posterior(accelerator, models, images)
-        mean, std = posterior.mean, posterior.std
-    latents = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return decoder_pass(accelerator, models, hp, images, latents, mean, std, generator, global_step)
-
-
-def linear_decay_factor(start: int, end: int) -> Callable[[int], float]:
-    """A learning-rate multiplier: 1 before step ``start``, then linear to 0 at step ``end`` (0 after). With
-    ``--decoder_only_step`` the VAE optimiser anneals this way over the decoder-only steps (on a demo decoder trained
-    after the fact: 3.5 FD better than a constant rate; inside whole demo runs the difference was within the sampling
-    noise), and with ``--sit_lr_decay_start`` the SiT's over its last steps."""
-
-    def factor(step: int) -> float:
-        if step < start:
-            return 1.0
-        return max(0.0, (end - step) / max(1, end - start))
-
-    return factor
-
-
-def perturbed_latents(
-    latents: torch.Tensor, spread: torch.Tensor, max_noise: float, generator: torch.Generator | None
-) -> torch.Tensor:
-    """``latents + u * spread * n``: per sample ``u ~ U(0, max_noise)``, Gaussian ``n``; ``spread`` is each channel's
-    std. A decoder trained on these also decodes the small errors of a diffusion model's latents well."""
-    if max_noise == 0:
-        return latents
-    device = generator.device if generator is not None else None
-    scale = max_noise * torch.rand(latents.shape[0], 1, 1, 1, generator=generator, device=device)
-    kick = torch.randn(latents.shape, generator=generator, device=device)
-    return latents + (scale * kick).to(latents.device, latents.dtype) * spread.view(1, -1, 1, 1).to(latents.dtype)
-
-
-def decoder_pass(
-    accelerator: Accelerator,
-    models: RepaEModels,
-    hp: RepaEHyperParameters,
-    images: torch.Tensor,
-    latents: torch.Tensor,
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    generator: torch.Generator | None,
-    global_step: int,
-) -> dict[str, torch.Tensor]:
-    """After the freeze: the decoder alone learns on (perturbed, see `perturbed_latents`) samples of the frozen
-    encoder's posterior, with the VAE's loss (its KL term is constant here) and optimiser, then the discriminator
-    once active. The encoder gets no gradient, so the SiT's latent space stays fixed."""
-    vae = accelerator.unwrap_model(models.vae).vae
-    decoder = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
-    if global_step == hp.vae_freeze_step:
-        # a new objective (noisy inputs, no encoder): its Adam moments start afresh, as in the README's after-the-
-        # fact decoder measurements (carrying them over scored 3 FD worse in one run, within the sampling noise)
-        for param in decoder:
-            models.optimizer_vae.state.pop(param, None)
-    spread = models.latent_norm.running_var.sqrt()
-    decoder_input = perturbed_latents(latents, spread, hp.decoder_latent_noise, generator)
-    with accelerator.autocast():
-        reconstruction = vae.decode(decoder_input).sample
-    terms = generator_loss_terms(accelerator, models, images, reconstruction, mean, 2 * std.log(), global_step)
-    accelerator.backward(terms["loss"])
-    # logged apart from the joint steps' vae/* terms: the loss here has no alignment term (and a constant KL)
-    logs = {f"decoder/{k}": v.detach() for k, v in terms.items() if k != "kl"}
-    if accelerator.sync_gradients:
-        # the decoder ran outside the DDP wrapper (the encoder has no gradient this phase): average by hand
-        if accelerator.num_processes > 1:
-            for param in decoder:
-                param.grad = accelerator.reduce(param.grad, reduction="mean")
-        logs["grad_norm/decoder"] = _grad_norm(accelerator.clip_grad_norm_(decoder, hp.max_grad_norm))
-    models.optimizer_vae.step()
-    models.optimizer_vae.zero_grad(set_to_none=True)
-    logs.update(discriminator_pass(accelerator, models, hp, images, reconstruction.detach(), global_step))
-    return logs
-
-
 def train_step(
     accelerator: Accelerator,
     models: RepaEModels,
@@ -522,33 +318,18 @@ def train_step(
     generator: torch.Generator | None,
     global_step: int,
 ) -> dict[str, torch.Tensor]:
-    """One full REPA-E step on a batch ``{"pixel_values": uint8 [B,3,H,W], "labels": [B]}``; returns loss terms.
-
-    Before ``hp.vae_warmup_steps`` the step is VAE-only (`vae_warmup_pass`) plus the discriminator once active;
-    from ``hp.vae_freeze_step`` on it is SiT-only on the frozen VAE (`sit_only_pass`), and from
-    ``hp.decoder_only_step`` on it trains the decoder alone (`decoder_only_pass`; the SiT's EMA stops too).
-    """
-    sit_trains = hp.decoder_only_step is None or global_step < hp.decoder_only_step
+    """One full REPA-E step on a batch ``{"pixel_values": uint8 [B,3,H,W], "labels": [B]}``; returns loss terms:
+    VAE (with alignment) -> discriminator -> SiT -> EMA."""
     pixel_values, labels = batch["pixel_values"], batch["labels"].long()
     images = images_to_vae_range(pixel_values)
     with accelerator.accumulate(models.vae, models.transformer, models.projector, models.discriminator):
-        if global_step < hp.vae_warmup_steps:
-            logs, reconstruction = vae_warmup_pass(
-                accelerator, models, images, generator, global_step, hp.max_grad_norm
-            )
-            logs.update(discriminator_pass(accelerator, models, hp, images, reconstruction, global_step))
-        elif not sit_trains:
-            logs = decoder_only_pass(accelerator, models, hp, images, pixel_values, generator, global_step)
-        elif hp.vae_freeze_step is not None and global_step >= hp.vae_freeze_step:
-            logs = sit_only_pass(accelerator, models, hp, images, pixel_values, labels, generator, global_step)
-        else:
-            zs = encoder_features(models.encoders, pixel_values)
-            logs, latents, reconstruction, noise = vae_alignment_pass(
-                accelerator, models, hp, images, labels, zs, generator, global_step
-            )
-            logs.update(discriminator_pass(accelerator, models, hp, images, reconstruction, global_step))
-            logs.update(sit_pass(accelerator, models, hp, latents, labels, zs, noise))
-        if accelerator.sync_gradients and models.ema is not None and sit_trains:
+        zs = encoder_features(models.encoders, pixel_values)
+        logs, latents, reconstruction, noise = vae_alignment_pass(
+            accelerator, models, hp, images, labels, zs, generator, global_step
+        )
+        logs.update(discriminator_pass(accelerator, models, hp, images, reconstruction, global_step))
+        logs.update(sit_pass(accelerator, models, hp, latents, labels, zs, noise))
+        if accelerator.sync_gradients and models.ema is not None:
             models.ema.step(ema_target(accelerator, models))
     return logs
 

@@ -488,6 +488,17 @@ def make_lr_schedulers(
     return schedulers
 
 
+def linear_decay_factor(start: int, end: int) -> Callable[[int], float]:
+    """A learning-rate multiplier for ``lr_factors``: 1 before step ``start``, then linear to 0 at step ``end``."""
+
+    def factor(step: int) -> float:
+        if step < start:
+            return 1.0
+        return max(0.0, (end - step) / max(1, end - start))
+
+    return factor
+
+
 def _unit_factor(step: int) -> float:
     return 1.0
 
