@@ -16,12 +16,12 @@ The VAE never trains: latents are normalised by its config statistics (``latents
 see the images, computed on the fly (see ``benchmarks/`` for what the latent cache saves).
 
 Fine-tuning a pretrained pipeline: ``--lora_rank R`` trains LoRA adapters on every Linear inside the SiT blocks
-(``qkv``, ``attn.proj``, ``fc1``, ``fc2``, ``adaln_modulation``; choose with ``--lora_target_modules``) and the
-rows of new classes (``--new_classes``); the rest stays frozen. Without ``--lora_rank`` the whole SiT is
-fine-tuned (the documented full fine-tune alternative). The trained adapter itself (its warmed-up EMA with
-``--lora_ema``) is saved as diffusers' LoRA file ``OUTPUT_DIR/lora/pytorch_lora_weights.safetensors`` (``transformer.``
-keys; the rows and names of new classes in the same file) and loads with ``pipe.load_lora_weights("OUTPUT_DIR/lora")``
-on the pretrained pipeline.
+(``to_q``, ``to_k``, ``to_v``, ``to_out.0``, ``fc1``, ``fc2``, ``adaln_modulation``; choose with
+``--lora_target_modules``) and the rows of new classes (``--new_classes``); the rest stays frozen. Without
+``--lora_rank`` the whole SiT is fine-tuned (the documented full fine-tune alternative). The trained adapter itself
+(its warmed-up EMA with ``--lora_ema``) is saved as diffusers' LoRA file
+``OUTPUT_DIR/lora/pytorch_lora_weights.safetensors`` (``transformer.`` keys; the rows and names of new classes in
+the same file) and loads with ``pipe.load_lora_weights("OUTPUT_DIR/lora")`` on the pretrained pipeline.
 """
 
 from __future__ import annotations
