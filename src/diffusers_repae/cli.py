@@ -19,14 +19,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import UserError
+
+__all__ = ["UserError", "check_written", "refuse_overwrite", "replacing_folder", "run_cli", "user_error_message"]
+
 OFFLINE_HINT = (
     " Offline (HF_HUB_OFFLINE=1) only local folders load: pass a local path (for vision encoders "
     "--encoder_paths NAME=PATH)."
 )
-
-
-class UserError(ValueError):
-    """A mistake in what the user asked for; the message says what is wrong and what to do."""
 
 
 def _hub_error_types() -> tuple[type[BaseException], ...]:

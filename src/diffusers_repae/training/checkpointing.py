@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from ..cli import UserError
+from ..errors import UserError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
