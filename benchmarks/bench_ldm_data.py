@@ -10,17 +10,13 @@ tiny-cpu recipe's VAE and, for scale, on the full SD-VAE (f8d4) at 256 px.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import Table, measure, suite_main  # noqa: E402
-from diffusers_repae import build_component, build_vae  # noqa: E402
-from diffusers_repae.training.encoders import load_vision_encoders  # noqa: E402
-from diffusers_repae.training.ldm_step import batch_latents  # noqa: E402
+from common import Table, measure, suite_main
+from diffusers_repae import build_component, build_vae
+from diffusers_repae.training.encoders import load_vision_encoders
+from diffusers_repae.training.ldm_step import batch_latents
 
 
 def time_inputs(vae, resolution: int, batch: int, num_tokens: int, device, repeats: int, warmup: int) -> dict:

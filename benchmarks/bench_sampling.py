@@ -8,15 +8,11 @@ sampling optimisations (skip the unconditional half outside the interval, float3
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_sit import randomize_zero_init  # noqa: E402
-from common import (  # noqa: E402
+from bench_sit import randomize_zero_init
+from common import (
     Table,
     max_abs_diff,
     measure,
@@ -24,8 +20,8 @@ from common import (  # noqa: E402
     speedup,
     suite_main,
 )
-from diffusers_repae.pipelines.pipeline_repae import RepaEPipeline  # noqa: E402
-from diffusers_repae.schedulers.scheduling_flow_match_ode import (  # noqa: E402
+from diffusers_repae.pipelines.pipeline_repae import RepaEPipeline
+from diffusers_repae.schedulers.scheduling_flow_match_ode import (
     scheduler_for_sampler,
     set_repae_timesteps,
 )

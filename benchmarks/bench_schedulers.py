@@ -18,22 +18,19 @@ an image folder, or a features file from ``evaluate.py --save_reference_features
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import Table, suite_main  # noqa: E402
-from diffusers_repae.evaluation.features import EfficientNetLite0FeatureExtractor, extract_features  # noqa: E402
-from diffusers_repae.evaluation.generation import features_of, metric_names  # noqa: E402
-from diffusers_repae.evaluation.metrics import frechet_distance_from_features  # noqa: E402
-from diffusers_repae.evaluation.sampling import generate_batch, sample_labels  # noqa: E402
-from diffusers_repae.pipelines.pipeline_repae import RepaEPipeline  # noqa: E402
-from diffusers_repae.schedulers import SAMPLERS  # noqa: E402
+from common import Table, suite_main
+from diffusers_repae.evaluation.features import EfficientNetLite0FeatureExtractor, extract_features
+from diffusers_repae.evaluation.generation import features_of, metric_names
+from diffusers_repae.evaluation.metrics import frechet_distance_from_features
+from diffusers_repae.evaluation.sampling import generate_batch, sample_labels
+from diffusers_repae.pipelines.pipeline_repae import RepaEPipeline
+from diffusers_repae.schedulers import SAMPLERS
 
 DEFAULT_SAMPLERS = ["euler", "heun", "sde", "dpmsolver++"]
 DEFAULT_STEPS = [8, 16, 32, 64]

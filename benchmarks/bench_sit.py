@@ -9,17 +9,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import sys
 import time
 import types
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
+from common import (
     Table,
     count_flops,
     device_peak_flops,
@@ -30,8 +26,8 @@ from common import (  # noqa: E402
     speedup,
     suite_main,
 )
-from diffusers_repae import build_component  # noqa: E402
-from diffusers_repae.models.transformer_sit import SiTAttention, modulate  # noqa: E402
+from diffusers_repae import build_component
+from diffusers_repae.models.transformer_sit import SiTAttention, modulate
 
 CONFIGS = {"tiny": "tiny-cpu", "B": "sit-b-2-sdvae", "XL": "sit-xl-2-sdvae"}
 # Batch per config: CPU batches keep SiT-XL/2 fwd+bwd under ~6 GB; CUDA batches are training-sized.

@@ -10,17 +10,13 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_sit import build_sit, profile_call  # noqa: E402
-from common import (  # noqa: E402
+from bench_sit import build_sit, profile_call
+from common import (
     Table,
     max_abs_diff,
     measure,
@@ -29,17 +25,17 @@ from common import (  # noqa: E402
     suite_main,
     synchronize,
 )
-from diffusers_repae import LatentBatchNorm, build_component  # noqa: E402
-from diffusers_repae.models.discriminator import PatchGANDiscriminator  # noqa: E402
-from diffusers_repae.training.ema import ModelEMA, update_ema  # noqa: E402
-from diffusers_repae.training.losses import (  # noqa: E402
+from diffusers_repae import LatentBatchNorm, build_component
+from diffusers_repae.models.discriminator import PatchGANDiscriminator
+from diffusers_repae.training.ema import ModelEMA, update_ema
+from diffusers_repae.training.losses import (
     VAEReconstructionLoss,
     denoising_loss,
     hinge_d_loss,
     noisy_latents_and_target,
     repa_alignment_loss,
 )
-from diffusers_repae.training.repae_step import (  # noqa: E402
+from diffusers_repae.training.repae_step import (
     RepaEHyperParameters,
     RepaEModels,
     VAEWithPosterior,

@@ -9,18 +9,14 @@ throughput = MFU x 989 TFLOP/s (H100 SXM dense bf16) / FLOPs per image, for an a
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_sit import meta_flops  # noqa: E402
-from common import Table, count_flops, suite_main  # noqa: E402
-from diffusers_repae import build_component  # noqa: E402
-from diffusers_repae.models.discriminator import PatchGANDiscriminator  # noqa: E402
-from diffusers_repae.models.vae import build_vae  # noqa: E402
+from bench_sit import meta_flops
+from common import Table, count_flops, suite_main
+from diffusers_repae import build_component
+from diffusers_repae.models.discriminator import PatchGANDiscriminator
+from diffusers_repae.models.vae import build_vae
 
 H100_BF16_DENSE = 989e12
 STEPS, BATCH = 400_000, 256  # REPA-E's schedule (SPEC section 7)

@@ -9,16 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_ldm_data  # noqa: E402
-import bench_sampling  # noqa: E402
-import bench_sit  # noqa: E402
-import bench_train_step  # noqa: E402
-import estimate  # noqa: E402
-from common import Table, add_common_args, device_description, print_tables, setup, write_json  # noqa: E402
+import bench_ldm_data
+import bench_sampling
+import bench_sit
+import bench_train_step
+import estimate
+from common import Table, add_common_args, device_description, print_tables, setup, write_json
 
 SUITES = {
     "sit": bench_sit,
