@@ -30,6 +30,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,24 +38,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "training"))
-
-import demo  # noqa: E402
-import train_ldm  # noqa: E402
-import train_repae  # noqa: E402
-import train_vae  # noqa: E402
-from diffusers_repae import RepaEPipeline  # noqa: E402
-from diffusers_repae.cli import UserError, run_cli  # noqa: E402
-from diffusers_repae.evaluation import build_feature_extractor  # noqa: E402
-from diffusers_repae.evaluation.quick_score import (  # noqa: E402
+from diffusers_repae import RepaEPipeline
+from diffusers_repae.cli import UserError, run_cli
+from diffusers_repae.evaluation import build_feature_extractor
+from diffusers_repae.evaluation.quick_score import (
     balanced_samples,
     dataset_images,
     pooled_features,
     score_features,
 )
-from diffusers_repae.training.checkpointing import list_checkpoints, read_project_state  # noqa: E402
-from diffusers_repae.training.data import add_data_args, training_data_from_args  # noqa: E402
+from diffusers_repae.recipes import DEMO_RECIPE
+from diffusers_repae.training.checkpointing import list_checkpoints, read_project_state
+from diffusers_repae.training.loop import cpu_has_bf16
+from diffusers_repae.training_args import add_data_args, training_data_from_args
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "training"
 
 ARMS = {"vanilla": "SiT, frozen VAE, no alignment", "repa": "SiT + REPA, frozen VAE", "repae": "REPA-E end-to-end"}
 FD_NAME = "FD-EfficientNetLite0"
@@ -81,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     study.add_argument("--guidance_scale", type=float, default=3.0, help="Classifier-free guidance scale.")
     study.add_argument("--eval_seed", type=int, default=0, help="Sampling seed (the same noise for every arm).")
     train = parser.add_argument_group("training (shared by all arms; defaults: the demo's)")
-    train.add_argument("--recipe", type=str, default=demo.RECIPE, help="SiT / projector / VAE recipe.")
+    train.add_argument("--recipe", type=str, default=DEMO_RECIPE, help="SiT / projector / VAE recipe.")
     train.add_argument("--vae", type=str, default=None, help="Starting VAE folder; default: train one first.")
     train.add_argument("--vae_steps", type=int, default=1500, help="train_vae.py steps when --vae is not given.")
     train.add_argument("--train_batch_size", type=int, default=16, help="Batch size of every run.")
@@ -115,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 <= args.lr_warmup_steps <= args.eval_every:
         raise UserError(f"--lr_warmup_steps must be in [0, --eval_every], got {args.lr_warmup_steps}.")
     if args.mixed_precision == "auto":
-        args.mixed_precision = "bf16" if torch.cuda.is_available() or demo.cpu_has_bf16() else "no"
+        args.mixed_precision = "bf16" if torch.cuda.is_available() or cpu_has_bf16() else "no"
     if args.num_eval_samples < 4:
         raise UserError("--num_eval_samples must be >= 4 (precision/recall use 3 nearest neighbours).")
     return args
@@ -131,19 +129,18 @@ def data_flags(args) -> list[str]:
     return flags
 
 
-def run_script(module, argv: list[str]) -> None:
-    """``module.main(argv)`` in this process, with accelerate's singletons reset (each run builds its own)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    module.main(argv)
+def run_script(script: str, argv: list[str]) -> None:
+    """``python training/SCRIPT ARGV`` in its own process (each run builds its own accelerator); a failure stops
+    the study, the script's own message above it."""
+    result = subprocess.run([sys.executable, str(SCRIPTS / script), *argv])
+    if result.returncode != 0:
+        raise UserError(f"training/{script} failed (exit status {result.returncode}); its output is above.")
 
 
 def train_starting_vae(args, folder: Path) -> Path:
     """Stage 1: train_vae.py on the study's data (LPIPS off, GAN off), exported with measured statistics."""
     run_script(
-        train_vae,
+        "train_vae.py",
         [
             "--recipe", args.recipe, "--no_lpips", "--disc_weight", "0", "--mixed_precision", args.mixed_precision,
             "--train_batch_size", str(args.train_batch_size), "--max_train_steps", str(args.vae_steps),
@@ -173,9 +170,9 @@ def train_segment(args, arm: str, seed: int, vae: Path, run_dir: Path, end_step:
         argv += ["--resume_from_checkpoint", "latest"]
     if arm == "repae":
         argv += ["--no_lpips", "--disc_weight", "0", "--vae_learning_rate", str(args.vae_learning_rate)]
-        run_script(train_repae, argv)
+        run_script("train_repae.py", argv)
     else:
-        run_script(train_ldm, argv + ["--proj_coeff", "0" if arm == "vanilla" else "0.5"])
+        run_script("train_ldm.py", argv + ["--proj_coeff", "0" if arm == "vanilla" else "0.5"])
 
 
 @torch.no_grad()

@@ -1,26 +1,14 @@
 """`--mixed_precision fp16` on the CPU: accelerate silently runs fp32 there, so training refuses it in one line."""
 
-import argparse
-
 import pytest
 from accelerate.state import AcceleratorState, GradientState
 
 from diffusers_repae.cli import UserError
-from diffusers_repae.training.trainer import setup_accelerator
+from diffusers_repae.training.loop import RunConfig, setup_accelerator
 
 
 def _args(tmp_path, precision):
-    return argparse.Namespace(
-        output_dir=str(tmp_path),
-        gradient_accumulation_steps=1,
-        mixed_precision=precision,
-        report_to="none",
-        logging_dir="logs",
-        allow_tf32=True,
-        seed=0,
-        resume_from_checkpoint=None,
-        overwrite=False,
-    )
+    return RunConfig(output_dir=str(tmp_path), mixed_precision=precision, report_to="none")
 
 
 def test_fp16_on_cpu_is_refused(tmp_path, monkeypatch):

@@ -9,14 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusers_repae.training.data import (
-    add_data_args,
-    adm_center_crop,
-    build_dataloader,
-    load_training_dataset,
-    to_rgb,
-    training_data_from_args,
-)
+from diffusers_repae.training.data import build_dataloader, load_training_dataset
+from diffusers_repae.training.images import adm_center_crop, to_rgb
 from diffusers_repae.training.openmoji import (
     EMOJI_GROUPS,
     OPENMOJI_ATTRIBUTION,
@@ -24,6 +18,7 @@ from diffusers_repae.training.openmoji import (
     list_openmoji_emoji,
     openmoji_class_counts,
 )
+from diffusers_repae.training_args import add_data_args, training_data_from_args
 
 
 def _noise_image(width: int, height: int, seed: int = 0) -> Image.Image:

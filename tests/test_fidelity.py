@@ -10,7 +10,8 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 
-from diffusers_repae.training import trainer
+from diffusers_repae.training import builders, loop
+from diffusers_repae.training_args import run_config, vae_loss_options
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "training"
 
@@ -38,7 +39,7 @@ def _accelerator(args, monkeypatch, launched: str | None):
         monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launched)
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     try:
-        return trainer.setup_accelerator(args).mixed_precision
+        return loop.setup_accelerator(run_config(args)).mixed_precision
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
@@ -48,13 +49,13 @@ def test_mixed_precision_comes_from_accelerate_unless_the_flag_is_given(tmp_path
     """Item 3: no --mixed_precision -> accelerate's launch flag / config decide; the flag, when given, wins."""
     args = _parse("--output_dir", str(tmp_path / "a"))
     assert args.mixed_precision is None
-    with caplog.at_level(logging.INFO, logger=trainer.logger.name):
+    with caplog.at_level(logging.INFO, logger=loop.logger.name):
         assert _accelerator(args, monkeypatch, launched="bf16") == "bf16"
     assert "mixed precision: bf16 (from accelerate launch/config" in caplog.text
     assert _accelerator(args, monkeypatch, launched=None) == "no"
     explicit = _parse("--output_dir", str(tmp_path / "b"), "--mixed_precision", "no")
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger=trainer.logger.name):
+    with caplog.at_level(logging.INFO, logger=loop.logger.name):
         assert _accelerator(explicit, monkeypatch, launched="bf16") == "no"
     assert "mixed precision: no (from --mixed_precision" in caplog.text
 
@@ -85,7 +86,7 @@ def test_tf32_on_by_default_on_ampere(monkeypatch, cuda, capability, flags, expe
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not expected
-        assert trainer.configure_tf32(args.allow_tf32) == expected
+        assert loop.configure_tf32(args.allow_tf32) == expected
         if cuda:
             assert torch.backends.cuda.matmul.allow_tf32 == expected and torch.backends.cudnn.allow_tf32 == expected
     finally:
@@ -95,8 +96,9 @@ def test_tf32_on_by_default_on_ampere(monkeypatch, cuda, capability, flags, expe
 def test_lpips_input_range_flag_reaches_the_loss():
     """Item 6: --lpips_input_range {correct, original}, default correct (the numbers: test_losses.py)."""
     device = torch.device("cpu")
-    assert trainer.build_vae_loss(_parse(), device).lpips_input_range == "correct"
-    assert trainer.build_vae_loss(_parse("--lpips_input_range", "original"), device).lpips_input_range == "original"
+    assert builders.build_vae_loss(device, **vae_loss_options(_parse())).lpips_input_range == "correct"
+    original = vae_loss_options(_parse("--lpips_input_range", "original"))
+    assert builders.build_vae_loss(device, **original).lpips_input_range == "original"
     with pytest.raises(SystemExit):
         _parse("--lpips_input_range", "zero_one")
 
@@ -116,8 +118,8 @@ def test_autocast_dtype_follows_the_mixed_precision():
         mixed_precision = "no"
 
     accelerator = FakeAccelerator()
-    assert trainer.autocast_dtype(accelerator) is None
+    assert loop.autocast_dtype(accelerator) is None
     accelerator.mixed_precision = "fp16"
-    assert trainer.autocast_dtype(accelerator) == torch.float16
+    assert loop.autocast_dtype(accelerator) == torch.float16
     accelerator.mixed_precision = "bf16"
-    assert trainer.autocast_dtype(accelerator) == torch.bfloat16
+    assert loop.autocast_dtype(accelerator) == torch.bfloat16

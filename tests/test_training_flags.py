@@ -17,17 +17,10 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 from diffusers_repae import SiTTransformer2DModel
+from diffusers_repae.training.builders import enable_gradient_checkpointing
 from diffusers_repae.training.model_card import PIPELINE_TAGS, save_model_card
-from diffusers_repae.training.trainer import (
-    add_run_args,
-    check_run_args,
-    enable_gradient_checkpointing,
-    global_batch_size,
-    linear_decay_factor,
-    make_adamw,
-    make_lr_schedulers,
-    per_process_batch_size,
-)
+from diffusers_repae.training.optim import linear_decay_factor, make_adamw, make_lr_schedulers
+from diffusers_repae.training_args import adamw_options, add_run_args, check_run_args, run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,12 +34,11 @@ def run_args(*argv: str) -> argparse.Namespace:
 
 
 def test_batch_size_is_per_device():
-    args = run_args("--train_batch_size", "32", "--gradient_accumulation_steps", "2")
-    accelerator = types.SimpleNamespace(num_processes=8)
-    assert per_process_batch_size(args, accelerator) == 32
-    assert global_batch_size(args, 8) == 32 * 8 * 2
+    run = run_config(run_args("--train_batch_size", "32", "--gradient_accumulation_steps", "2"))
+    assert run.train_batch_size == 32
+    assert run.global_batch_size(8) == 32 * 8 * 2
     # The original's global 256 is the documented 8 GPUs x 32.
-    assert global_batch_size(run_args("--train_batch_size", "32"), 8) == 256
+    assert run_config(run_args("--train_batch_size", "32")).global_batch_size(8) == 256
 
 
 def test_defaults_and_bad_values():
@@ -69,7 +61,9 @@ def lrs_over_steps(
     """The learning rate each optimizer step uses, stepping the scheduler once per step as the loop does."""
     optimizer = optimizer or torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
     factors = {"sit": factor} if factor else None
-    scheduler = make_lr_schedulers(args, {"sit": optimizer}, global_step=start, lr_factors=factors)["sit"]
+    scheduler = make_lr_schedulers(
+        {"sit": optimizer}, args.lr_scheduler, args.lr_warmup_steps, args.max_train_steps, start, factors
+    )["sit"]
     used = []
     for _ in range(steps):
         used.append(optimizer.param_groups[0]["lr"])
@@ -127,7 +121,7 @@ def test_a_factor_keeps_a_schedule_that_depends_on_the_base_rate():
 def test_factors_for_unknown_optimisers_are_refused():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
     with pytest.raises(ValueError, match=r"unknown optimisers \['vae'\]"):
-        make_lr_schedulers(run_args(), {"sit": optimizer}, lr_factors={"vae": lambda step: 1.0})
+        make_lr_schedulers({"sit": optimizer}, factors={"vae": lambda step: 1.0})
 
 
 def test_8bit_adam_is_an_optional_import(monkeypatch):
@@ -135,7 +129,7 @@ def test_8bit_adam_is_an_optional_import(monkeypatch):
     args = run_args("--use_8bit_adam")
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as when it is not installed
     with pytest.raises(ValueError, match="pip install bitsandbytes"):
-        make_adamw(args, params, 1e-4)
+        make_adamw(params, 1e-4, **adamw_options(args))
 
     class FakeAdamW8bit(torch.optim.AdamW):
         pass
@@ -143,9 +137,9 @@ def test_8bit_adam_is_an_optional_import(monkeypatch):
     fake = types.ModuleType("bitsandbytes")
     fake.optim = types.SimpleNamespace(AdamW8bit=FakeAdamW8bit)
     monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
-    optimizer = make_adamw(args, params, 1e-4)
+    optimizer = make_adamw(params, 1e-4, **adamw_options(args))
     assert type(optimizer) is FakeAdamW8bit and optimizer.defaults["betas"] == (0.9, 0.999)
-    assert type(make_adamw(run_args(), params, 1e-4)) is torch.optim.AdamW
+    assert type(make_adamw(params, 1e-4, **adamw_options(run_args()))) is torch.optim.AdamW
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -157,7 +151,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         with torch.no_grad():
             for param in sit.parameters():
                 param.add_(torch.randn_like(param) * 0.05)
-        enable_gradient_checkpointing(run_args(*(["--gradient_checkpointing"] if checkpointing else [])), sit)
+        enable_gradient_checkpointing(checkpointing, sit)
         assert sit.gradient_checkpointing == checkpointing
         x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
         sit(x, torch.tensor([0.2, 0.7]), torch.tensor([0, 2])).sample.square().mean().backward()

@@ -37,7 +37,6 @@ from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from diffusers_repae.cli import UserError, refuse_overwrite, run_cli
-from diffusers_repae.training.data import add_data_args, training_data_from_args
 from diffusers_repae.training.latent_cache import (
     CacheInfo,
     load_vae,
@@ -47,6 +46,7 @@ from diffusers_repae.training.latent_cache import (
     write_shard,
 )
 from diffusers_repae.training.latent_stats import encode_posterior
+from diffusers_repae.training_args import add_data_args, training_data_from_args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

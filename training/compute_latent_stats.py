@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusers_repae.cli import UserError, refuse_overwrite, run_cli
-from diffusers_repae.training.data import add_data_args, build_dataloader, real_images, training_data_from_args
+from diffusers_repae.training.data import build_dataloader, real_images
 from diffusers_repae.training.latent_cache import load_vae
 from diffusers_repae.training.latent_stats import (
     RunningChannelStats,
@@ -35,6 +35,7 @@ from diffusers_repae.training.latent_stats import (
     plot_comparison,
     with_latent_stats,
 )
+from diffusers_repae.training_args import add_data_args, training_data_from_args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

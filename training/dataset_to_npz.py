@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from diffusers_repae.cli import UserError, refuse_overwrite, run_cli
 from diffusers_repae.evaluation import save_npz
-from diffusers_repae.training.data import add_data_args, real_images, training_data_from_args
+from diffusers_repae.training.data import real_images
+from diffusers_repae.training_args import add_data_args, training_data_from_args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -53,11 +53,13 @@ from diffusers_repae.evaluation.quick_score import (
     reconstructions,
     score_features,
 )
+from diffusers_repae.recipes import DEMO_RECIPE
 from diffusers_repae.training.data import load_training_dataset
+from diffusers_repae.training.loop import cpu_has_bf16
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent
-RECIPE = "emoji-cpu"
+RECIPE = DEMO_RECIPE
 # Flags of the former single-run demo: what replaced each one.
 MOVED_FLAGS = {
     "--max_train_steps": "the demo runs stages now: --stage1_steps, --stage2_steps and --decoder_steps",
@@ -164,15 +166,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.num_eval_samples < 10:
         parser.error(f"--num_eval_samples must be >= 10, got {args.num_eval_samples}.")
     return args
-
-
-def cpu_has_bf16() -> bool:
-    """True when /proc/cpuinfo lists native bf16 instructions (else torch emulates bf16, which is slower)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def data_flags(args) -> list[str]:

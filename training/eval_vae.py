@@ -29,7 +29,8 @@ from diffusers_repae.evaluation import (
     iter_image_batches,
     load_lpips_vgg,
 )
-from diffusers_repae.training.data import add_data_args, real_images, training_data_from_args
+from diffusers_repae.training.data import real_images
+from diffusers_repae.training_args import add_data_args, training_data_from_args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -37,39 +37,37 @@ from diffusers import AutoencoderKL
 from diffusers_repae import LatentBatchNorm, RepaEPipeline, REPAProjector, SiTTransformer2DModel, build_component
 from diffusers_repae.recipes import load_component_config
 from diffusers_repae.schedulers import scheduler_for_path_type
-from diffusers_repae.training.checkpointing import (
-    LossHistory,
-    PerProcessState,
-    ProcessGenerators,
-    RunSettings,
-    register_checkpoint_state,
-)
-from diffusers_repae.training.data import add_data_args, build_dataloader, training_data_from_args
+from diffusers_repae.training.builders import enable_gradient_checkpointing, latent_size
+from diffusers_repae.training.checkpointing import RunSettings
 from diffusers_repae.training.ema import ModelEMA
 from diffusers_repae.training.encoders import load_vision_encoders
+from diffusers_repae.training.export import SAMPLING_DEFAULT_KEYS, recipe_sampling_defaults
 from diffusers_repae.training.latent_cache import load_latent_cache
 from diffusers_repae.training.ldm_step import CachedLatentsWithImages, ldm_train_step
-from diffusers_repae.training.lora import DEFAULT_LORA_TARGETS, add_sit_lora, grow_class_table, save_sit_lora
-from diffusers_repae.training.model_card import PIPELINE_TAGS, save_model_card
-from diffusers_repae.training.repae_step import RepaEHyperParameters, RepaEModels, ema_target
-from diffusers_repae.training.trainer import (
-    SAMPLING_DEFAULT_KEYS,
-    add_sit_training_args,
+from diffusers_repae.training.loop import (
     autocast_dtype,
-    check_sit_training_args,
-    enable_gradient_checkpointing,
-    global_batch_size,
-    latent_size,
-    log_validation,
-    make_adamw,
-    parse_encoder_paths,
-    per_process_batch_size,
-    plot_loss_curves,
-    push_output_to_hub,
-    recipe_sampling_defaults,
+    finish_run,
+    load_data,
+    prepare_run_state,
     resume_and_start_trackers,
     run_training_loop,
     setup_accelerator,
+)
+from diffusers_repae.training.lora import DEFAULT_LORA_TARGETS, add_sit_lora, grow_class_table, save_sit_lora
+from diffusers_repae.training.model_card import PIPELINE_TAGS, save_model_card
+from diffusers_repae.training.optim import make_adamw
+from diffusers_repae.training.repae_step import RepaEHyperParameters, RepaEModels, ema_target
+from diffusers_repae.training.validation import log_validation
+from diffusers_repae.training_args import (
+    adamw_options,
+    add_data_args,
+    add_sit_training_args,
+    check_sit_training_args,
+    dataset_options,
+    parse_encoder_paths,
+    run_config,
+    tracker_config,
+    validation_options,
 )
 
 logger = get_logger(__name__, log_level="INFO")
@@ -286,15 +284,11 @@ def model_card(args, data, num_params: dict[str, int], global_step: int, global_
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
-    output_dir = Path(args.output_dir)
-    accelerator = setup_accelerator(args)
-    per_process = per_process_batch_size(args, accelerator)
-
-    with accelerator.main_process_first():
-        data = training_data_from_args(args, args.seed, accelerator.process_index, accelerator.num_processes)
-        dataset = training_dataset(args, data)
-    data.dataset = dataset
-    dataloader = build_dataloader(data, per_process, args.dataloader_num_workers, seed=args.seed)
+    run = run_config(args)
+    accelerator = setup_accelerator(run)
+    data, dataloader = load_data(
+        accelerator, run, dataset_options(args), wrap=lambda data: training_dataset(args, data)
+    )
 
     vae = load_frozen_vae(args).to(accelerator.device)
     latent_norm = frozen_latent_norm(vae).to(accelerator.device)
@@ -331,13 +325,12 @@ def main(argv: list[str] | None = None) -> Path:
     elif args.new_classes:
         grow_class_table(transformer, data.num_classes)
 
-    enable_gradient_checkpointing(args, transformer)
-    optimizer = make_adamw(args, list(transformer.parameters()) + list(projector.parameters()), args.learning_rate)
+    enable_gradient_checkpointing(args.gradient_checkpointing, transformer)
+    sit_params = list(transformer.parameters()) + list(projector.parameters())
+    optimizer = make_adamw(sit_params, args.learning_rate, **adamw_options(args))
     if args.compile:
         transformer = torch.compile(transformer)
     transformer, projector, optimizer = accelerator.prepare(transformer, projector, optimizer)
-    if not data.streaming:
-        dataloader = accelerator.prepare(dataloader)
     models = RepaEModels(
         vae=None,
         transformer=transformer,
@@ -355,16 +348,13 @@ def main(argv: list[str] | None = None) -> Path:
     ema_decay = 0.0 if args.lora_rank and not args.lora_ema else args.ema_decay
     fine_tuning = args.pretrained_model_name_or_path is not None
     models.ema = ModelEMA(ema_target(accelerator, models), decay=ema_decay, warmup=fine_tuning)
-    generators = ProcessGenerators(accelerator, args.seed)
-    history = LossHistory()
-    # saved as safetensors + JSON with each checkpoint (nothing pickled); the settings are checked on resume
     run_settings = RunSettings(
         recipe=str(args.pretrained_model_name_or_path or args.recipe), resolution=args.resolution,
         num_classes=len(id2label), lora_rank=args.lora_rank,
     )  # fmt: skip
-    register_checkpoint_state(accelerator, run=run_settings, ema=models.ema, generators=generators, history=history)
-    if data.streaming:
-        register_checkpoint_state(accelerator, stream=PerProcessState(accelerator, data.dataset))
+    dataloader, generators, history = prepare_run_state(
+        accelerator, run, data, dataloader, run_settings, ema=models.ema
+    )
     hp = RepaEHyperParameters(
         encoder_depth=args.encoder_depth,
         proj_coeff=args.proj_coeff,
@@ -375,7 +365,7 @@ def main(argv: list[str] | None = None) -> Path:
         freeze_latent_norm=True,
     )
 
-    global_step, resume = resume_and_start_trackers(args, accelerator)
+    global_step, resume = resume_and_start_trackers(run, accelerator, tracker_config(args))
     unwrapped = accelerator.unwrap_model(transformer)
     num_params = {
         "sit": sum(p.numel() for p in unwrapped.parameters()),
@@ -391,30 +381,26 @@ def main(argv: list[str] | None = None) -> Path:
 
     def validate(step: int) -> None:
         pipeline = export_pipeline(models, vae, scheduler, id2label, settings)
-        log_validation(args, accelerator, pipeline, data, step)
+        log_validation(accelerator, pipeline, data, step, **validation_options(args))
 
     global_step = run_training_loop(
-        args, accelerator, data, dataloader, step_fn, {"sit": optimizer}, history, global_step, resume, validate
+        run, accelerator, data, dataloader, step_fn, {"sit": optimizer}, history, global_step, resume, validate
     )
 
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    def export(output_dir: Path) -> str:
         if args.lora_rank:
             base_num_classes = label_offset if args.new_classes else None
             save_sit_lora(models.ema.model["transformer"], output_dir / "lora", id2label, base_num_classes)
         else:
             export_pipeline(models, vae, scheduler, id2label, settings).save_pretrained(output_dir)
         models.ema.model["projector"].save_pretrained(output_dir / "projector")  # the EMA, as the converter's
-        card = model_card(args, data, num_params, global_step, global_batch_size(args, accelerator.num_processes))
+        card = model_card(args, data, num_params, global_step, run.global_batch_size(accelerator.num_processes))
         base_model = args.pretrained_model_name_or_path or args.vae
         tags = [*PIPELINE_TAGS, "lora"] if args.lora_rank else PIPELINE_TAGS
         save_model_card(output_dir, card, data.source, base_model=base_model, tags=tags)
-        if history.records:
-            plot_loss_curves(history, output_dir / "loss_curves.png")
-        logger.info(f"saved to {output_dir} (loss curves: {output_dir / 'loss_curves.png'})")
-        push_output_to_hub(args, output_dir)
-    accelerator.end_training()
-    return output_dir
+        return f"saved to {output_dir}"
+
+    return finish_run(accelerator, run, history, export)
 
 
 if __name__ == "__main__":

@@ -23,16 +23,27 @@ from accelerate.logging import get_logger
 from diffusers_repae import LatentBatchNorm, RepaEPipeline, build_component, load_component_config
 from diffusers_repae.cli import UserError
 from diffusers_repae.schedulers import scheduler_for_path_type
-from diffusers_repae.training.checkpointing import (
-    LossHistory,
-    PerProcessState,
-    ProcessGenerators,
-    RunSettings,
-    register_checkpoint_state,
+from diffusers_repae.training.builders import (
+    build_vae_loss,
+    enable_gradient_checkpointing,
+    latent_size,
+    load_starting_discriminator,
+    load_starting_vae,
 )
-from diffusers_repae.training.data import add_data_args, build_dataloader, training_data_from_args
+from diffusers_repae.training.checkpointing import RunSettings
 from diffusers_repae.training.ema import ModelEMA
+from diffusers_repae.training.export import recipe_sampling_defaults, vae_with_stats
+from diffusers_repae.training.loop import (
+    autocast_dtype,
+    finish_run,
+    load_data,
+    prepare_run_state,
+    resume_and_start_trackers,
+    run_training_loop,
+    setup_accelerator,
+)
 from diffusers_repae.training.model_card import PIPELINE_TAGS, save_model_card
+from diffusers_repae.training.optim import make_adamw
 from diffusers_repae.training.repae_step import (
     RepaEHyperParameters,
     RepaEModels,
@@ -40,29 +51,20 @@ from diffusers_repae.training.repae_step import (
     ema_target,
     train_step,
 )
-from diffusers_repae.training.trainer import (
+from diffusers_repae.training.validation import log_validation
+from diffusers_repae.training_args import (
+    adamw_options,
+    add_data_args,
     add_sit_training_args,
     add_vae_loss_args,
-    autocast_dtype,
-    build_vae_loss,
     check_sit_training_args,
     check_vae_loss_args,
-    enable_gradient_checkpointing,
-    global_batch_size,
-    latent_size,
-    load_starting_discriminator,
-    load_starting_vae,
-    log_validation,
-    make_adamw,
+    dataset_options,
     parse_encoder_paths,
-    per_process_batch_size,
-    plot_loss_curves,
-    push_output_to_hub,
-    recipe_sampling_defaults,
-    resume_and_start_trackers,
-    run_training_loop,
-    setup_accelerator,
-    vae_with_stats,
+    run_config,
+    tracker_config,
+    vae_loss_options,
+    validation_options,
 )
 
 logger = get_logger(__name__, log_level="INFO")
@@ -196,14 +198,9 @@ def model_card(args, data, num_params: dict[str, int], global_step: int, global_
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
-    output_dir = Path(args.output_dir)
-    accelerator = setup_accelerator(args)
-    per_process = per_process_batch_size(args, accelerator)
-
-    # Data (the main process renders/caches first, the others then read the cache).
-    with accelerator.main_process_first():
-        data = training_data_from_args(args, args.seed, accelerator.process_index, accelerator.num_processes)
-    dataloader = build_dataloader(data, per_process, args.dataloader_num_workers, seed=args.seed)
+    run = run_config(args)
+    accelerator = setup_accelerator(run)
+    data, dataloader = load_data(accelerator, run, dataset_options(args))
 
     # Models from the recipe.
     if args.vae is None:
@@ -213,7 +210,7 @@ def main(argv: list[str] | None = None) -> Path:
             f"from a pretrained VAE (recipe {args.recipe!r}: {expected}).\nPass --vae PATH unless a random "
             f"start is what you want.\n{'!' * 100}"
         )
-    vae = load_starting_vae(args)
+    vae = load_starting_vae(args.vae, args.recipe)
     size = latent_size(vae, args.resolution)
     transformer = build_component(
         args.recipe, "transformer", num_classes=data.num_classes, sample_size=size, class_dropout_prob=args.cfg_prob
@@ -245,7 +242,7 @@ def main(argv: list[str] | None = None) -> Path:
         encoder_depth=args.encoder_depth,
         **({"projector_dim": args.projector_dim} if args.projector_dim else {}),
     )
-    discriminator = load_starting_discriminator(args)
+    discriminator = load_starting_discriminator(args.discriminator_checkpoint, args.disc_ndf, args.disc_layers)
     latent_norm = LatentBatchNorm(vae.config.latent_channels, momentum=args.bn_momentum)
     if getattr(vae.config, "latents_mean", None) is not None and getattr(vae.config, "latents_std", None) is not None:
         latent_norm.load_latents_stats(vae.config.latents_mean, vae.config.latents_std)
@@ -254,13 +251,15 @@ def main(argv: list[str] | None = None) -> Path:
         latent_norm = torch.nn.SyncBatchNorm.convert_sync_batchnorm(latent_norm)
     latent_norm.to(accelerator.device)
 
-    vae_loss = build_vae_loss(args, accelerator.device)
+    vae_loss = build_vae_loss(accelerator.device, **vae_loss_options(args))
 
     vae_module = VAEWithPosterior(vae)
-    enable_gradient_checkpointing(args, transformer, vae)
-    optimizer_vae = make_adamw(args, vae_module.parameters(), args.vae_learning_rate)
-    optimizer_disc = make_adamw(args, discriminator.parameters(), args.disc_learning_rate)
-    optimizer_sit = make_adamw(args, list(transformer.parameters()) + list(projector.parameters()), args.learning_rate)
+    enable_gradient_checkpointing(args.gradient_checkpointing, transformer, vae)
+    adamw = adamw_options(args)
+    optimizer_vae = make_adamw(vae_module.parameters(), args.vae_learning_rate, **adamw)
+    optimizer_disc = make_adamw(discriminator.parameters(), args.disc_learning_rate, **adamw)
+    sit_params = list(transformer.parameters()) + list(projector.parameters())
+    optimizer_sit = make_adamw(sit_params, args.learning_rate, **adamw)
     if args.compile:
         transformer = torch.compile(transformer)
     (vae_module, transformer, projector, discriminator, optimizer_vae, optimizer_disc, optimizer_sit) = (
@@ -268,11 +267,6 @@ def main(argv: list[str] | None = None) -> Path:
             vae_module, transformer, projector, discriminator, optimizer_vae, optimizer_disc, optimizer_sit
         )
     )
-    if not data.streaming:
-        dataloader = accelerator.prepare(dataloader)
-    # A streamed dataset is already sharded per process (split_dataset_by_node): accelerate must not re-shard or
-    # dispatch it, so its DataLoader stays unprepared, batches move to the device below, and its exact stream
-    # position is checkpointed per process.
     models = RepaEModels(
         vae=vae_module,
         transformer=transformer,
@@ -286,16 +280,11 @@ def main(argv: list[str] | None = None) -> Path:
         optimizer_sit=optimizer_sit,
     )
     models.ema = ModelEMA(ema_target(accelerator, models), decay=args.ema_decay)  # starts as an exact copy
-    generators = ProcessGenerators(accelerator, args.seed)
-    history = LossHistory()
     # The latent BN has no parameters (DDP refuses it), so it is registered like the EMA and the RNG streams.
-    # saved as safetensors + JSON with each checkpoint (nothing pickled); the settings are checked on resume
     settings = RunSettings(recipe=str(args.recipe), resolution=args.resolution, num_classes=data.num_classes)
-    register_checkpoint_state(
-        accelerator, run=settings, latent_norm=latent_norm, ema=models.ema, generators=generators, history=history
+    dataloader, generators, history = prepare_run_state(
+        accelerator, run, data, dataloader, settings, latent_norm=latent_norm, ema=models.ema
     )
-    if data.streaming:
-        register_checkpoint_state(accelerator, stream=PerProcessState(accelerator, data.dataset))
     hp = RepaEHyperParameters(
         encoder_depth=args.encoder_depth,
         proj_coeff=args.proj_coeff,
@@ -306,7 +295,7 @@ def main(argv: list[str] | None = None) -> Path:
         max_grad_norm=args.max_grad_norm,
     )
 
-    global_step, resume = resume_and_start_trackers(args, accelerator)
+    global_step, resume = resume_and_start_trackers(run, accelerator, tracker_config(args))
     num_params = {
         "sit": sum(p.numel() for p in accelerator.unwrap_model(transformer).parameters()),
         "projector": sum(p.numel() for p in accelerator.unwrap_model(projector).parameters()),
@@ -315,38 +304,34 @@ def main(argv: list[str] | None = None) -> Path:
     }
     logger.info(f"***** REPA-E training: {num_params}, {data.describe_size()}, {data.num_classes} classes *****")
     logger.info(
-        f"  global batch {global_batch_size(args, accelerator.num_processes)} = {accelerator.num_processes} "
-        f"processes x {per_process} x "
-        f"{args.gradient_accumulation_steps} accumulation; {args.max_train_steps} steps"
+        f"  global batch {run.global_batch_size(accelerator.num_processes)} = {accelerator.num_processes} "
+        f"processes x {run.train_batch_size} x {run.gradient_accumulation_steps} accumulation; "
+        f"{run.max_train_steps} steps"
     )
 
     def step_fn(batch: dict, step: int) -> dict:
         return train_step(accelerator, models, hp, batch, generators.generator, step)
 
     def validate(step: int) -> None:
-        log_validation(args, accelerator, build_pipeline(args, accelerator, models, data), data, step)
+        pipeline = build_pipeline(args, accelerator, models, data)
+        log_validation(accelerator, pipeline, data, step, **validation_options(args))
 
     optimizers = {"sit": optimizer_sit, "vae": optimizer_vae, "disc": optimizer_disc}
     global_step = run_training_loop(
-        args, accelerator, data, dataloader, step_fn, optimizers, history, global_step, resume, validate,
+        run, accelerator, data, dataloader, step_fn, optimizers, history, global_step, resume, validate,
         postfix_keys=("sit/loss", "vae/loss"),
     )  # fmt: skip
 
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        pipeline = build_pipeline(args, accelerator, models, data)
-        pipeline.save_pretrained(output_dir)
+    def export(output_dir: Path) -> str:
+        build_pipeline(args, accelerator, models, data).save_pretrained(output_dir)
         models.ema.model["projector"].save_pretrained(output_dir / "projector")  # the EMA, as the converter's
         accelerator.unwrap_model(discriminator).save_pretrained(output_dir / "discriminator")
-        global_batch = global_batch_size(args, accelerator.num_processes)
+        global_batch = run.global_batch_size(accelerator.num_processes)
         card = model_card(args, data, num_params, global_step, global_batch)
         save_model_card(output_dir, card, data.source, base_model=args.vae, tags=PIPELINE_TAGS)
-        if history.records:
-            plot_loss_curves(history, output_dir / "loss_curves.png")
-        logger.info(f"pipeline saved to {output_dir} (loss curves: {output_dir / 'loss_curves.png'})")
-        push_output_to_hub(args, output_dir)
-    accelerator.end_training()
-    return output_dir
+        return f"pipeline saved to {output_dir}"
+
+    return finish_run(accelerator, run, history, export)
 
 
 if __name__ == "__main__":

@@ -28,37 +28,39 @@ import torch
 from accelerate.logging import get_logger
 
 from diffusers_repae.cli import run_cli
-from diffusers_repae.training.checkpointing import (
-    LossHistory,
-    PerProcessState,
-    ProcessGenerators,
-    RunSettings,
-    register_checkpoint_state,
-)
-from diffusers_repae.training.data import add_data_args, build_dataloader, training_data_from_args
-from diffusers_repae.training.latent_stats import dataset_latent_stats, with_latent_stats
-from diffusers_repae.training.model_card import VAE_TAGS, save_model_card
-from diffusers_repae.training.repae_step import RepaEHyperParameters, RepaEModels, VAEWithPosterior
-from diffusers_repae.training.trainer import (
-    add_run_args,
-    add_vae_loss_args,
+from diffusers_repae.training.builders import (
     build_vae_loss,
-    check_run_args,
-    check_vae_loss_args,
     enable_gradient_checkpointing,
-    global_batch_size,
-    grid_image,
-    linear_decay_factor,
     load_starting_discriminator,
     load_starting_vae,
-    make_adamw,
-    per_process_batch_size,
-    plot_loss_curves,
+)
+from diffusers_repae.training.checkpointing import RunSettings
+from diffusers_repae.training.latent_stats import dataset_latent_stats, with_latent_stats
+from diffusers_repae.training.loop import (
+    finish_run,
+    load_data,
+    prepare_run_state,
     resume_and_start_trackers,
     run_training_loop,
     setup_accelerator,
 )
+from diffusers_repae.training.model_card import VAE_TAGS, save_model_card
+from diffusers_repae.training.optim import linear_decay_factor, make_adamw
+from diffusers_repae.training.repae_step import RepaEHyperParameters, RepaEModels, VAEWithPosterior
 from diffusers_repae.training.vae_step import VAEWithFrozenEncoder, reconstruction_pairs, vae_train_step
+from diffusers_repae.training.validation import grid_image
+from diffusers_repae.training_args import (
+    adamw_options,
+    add_data_args,
+    add_run_args,
+    add_vae_loss_args,
+    check_run_args,
+    check_vae_loss_args,
+    dataset_options,
+    run_config,
+    tracker_config,
+    vae_loss_options,
+)
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -213,45 +215,37 @@ def model_card(args, data, stats, num_params: int, global_step: int, global_batc
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
+    run = run_config(args)
     output_dir = Path(args.output_dir)
-    accelerator = setup_accelerator(args)
-    per_process = per_process_batch_size(args, accelerator)
-
-    with accelerator.main_process_first():
-        data = training_data_from_args(args, args.seed, accelerator.process_index, accelerator.num_processes)
-    dataloader = build_dataloader(data, per_process, args.dataloader_num_workers, seed=args.seed)
+    accelerator = setup_accelerator(run)
+    data, dataloader = load_data(accelerator, run, dataset_options(args))
     validation_images = validation_batch(data, args.num_validation_images) if accelerator.is_main_process else None
 
-    vae = load_starting_vae(args)
-    discriminator = load_starting_discriminator(args)
-    vae_loss = build_vae_loss(args, accelerator.device)
+    vae = load_starting_vae(args.vae, args.recipe)
+    discriminator = load_starting_discriminator(args.discriminator_checkpoint, args.disc_ndf, args.disc_layers)
+    vae_loss = build_vae_loss(accelerator.device, **vae_loss_options(args))
     if args.freeze_encoder:
         vae_module = VAEWithFrozenEncoder(vae, args.decoder_latent_noise)
     else:
         vae_module = VAEWithPosterior(vae)
-    enable_gradient_checkpointing(args, vae)
+    enable_gradient_checkpointing(args.gradient_checkpointing, vae)
     trainable = [p for p in vae_module.parameters() if p.requires_grad]
-    optimizer_vae = make_adamw(args, trainable, args.vae_learning_rate)
-    optimizer_disc = make_adamw(args, discriminator.parameters(), args.disc_learning_rate)
+    adamw = adamw_options(args)
+    optimizer_vae = make_adamw(trainable, args.vae_learning_rate, **adamw)
+    optimizer_disc = make_adamw(discriminator.parameters(), args.disc_learning_rate, **adamw)
     vae_module, discriminator, optimizer_vae, optimizer_disc = accelerator.prepare(
         vae_module, discriminator, optimizer_vae, optimizer_disc
     )
-    if not data.streaming:
-        dataloader = accelerator.prepare(dataloader)
     models = RepaEModels(
         vae=vae_module, transformer=None, projector=None, discriminator=discriminator, latent_norm=None,
         encoders=[], vae_loss=vae_loss, optimizer_vae=optimizer_vae, optimizer_disc=optimizer_disc,
         optimizer_sit=None,
     )  # fmt: skip
-    generators = ProcessGenerators(accelerator, args.seed)
-    history = LossHistory()
     settings = RunSettings(recipe=str(args.vae or args.recipe), resolution=args.resolution)
-    register_checkpoint_state(accelerator, run=settings, generators=generators, history=history)
-    if data.streaming:
-        register_checkpoint_state(accelerator, stream=PerProcessState(accelerator, data.dataset))
+    dataloader, generators, history = prepare_run_state(accelerator, run, data, dataloader, settings)
     hp = RepaEHyperParameters(max_grad_norm=args.max_grad_norm)
 
-    global_step, resume = resume_and_start_trackers(args, accelerator)
+    global_step, resume = resume_and_start_trackers(run, accelerator, tracker_config(args))
     num_params = sum(p.numel() for p in vae.parameters())
     logger.info(f"***** VAE training: {num_params:,} parameters, {data.source}, {args.max_train_steps} steps *****")
 
@@ -267,12 +261,11 @@ def main(argv: list[str] | None = None) -> Path:
         decay = linear_decay_factor(args.lr_decay_start, args.max_train_steps)
         lr_factors = {"vae": decay, "disc": decay}
     global_step = run_training_loop(
-        args, accelerator, data, dataloader, step_fn, optimizers, history, global_step, resume, validate,
+        run, accelerator, data, dataloader, step_fn, optimizers, history, global_step, resume, validate,
         postfix_keys=("vae/loss", "disc/loss"), lr_factors=lr_factors,
     )  # fmt: skip
 
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    def export(output_dir: Path) -> str:
         trained = accelerator.unwrap_model(vae_module).vae.eval()
         if args.freeze_encoder:  # the latent space is --vae's: so are its statistics
             stats = None
@@ -282,17 +275,17 @@ def main(argv: list[str] | None = None) -> Path:
             with_latent_stats(trained, stats).save_pretrained(output_dir)
         accelerator.unwrap_model(discriminator).save_pretrained(output_dir / "discriminator")
         save_reconstructions(trained, validation_images, output_dir / "reconstructions.png")
-        global_batch = global_batch_size(args, accelerator.num_processes)
+        global_batch = run.global_batch_size(accelerator.num_processes)
         card = model_card(args, data, stats, num_params, global_step, global_batch)
         save_model_card(output_dir, card, data.source, base_model=args.vae, tags=VAE_TAGS)
-        if history.records:
-            plot_loss_curves(history, output_dir / "loss_curves.png")
         origin = " (those of --vae: its encoder was frozen)" if stats is None else ""
         config = trained.config
-        logger.info(f"AutoencoderKL saved to {output_dir}: latents_mean {config.latents_mean}, latents_std "
-                    f"{config.latents_std}{origin}")  # fmt: skip
-    accelerator.end_training()
-    return output_dir
+        return (
+            f"AutoencoderKL saved to {output_dir}: latents_mean {config.latents_mean}, latents_std "
+            f"{config.latents_std}{origin}"
+        )
+
+    return finish_run(accelerator, run, history, export)
 
 
 if __name__ == "__main__":

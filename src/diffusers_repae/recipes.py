@@ -14,6 +14,8 @@ from pathlib import Path
 # The repository's top-level pipelines/ folder, installed as this package (setup.py maps it into the wheel, and
 # editable installs map the folder itself): one copy in git, found the same way from a wheel or a checkout.
 RECIPES_PACKAGE = "diffusers_repae.recipe_folders"
+# The recipe of `make demo` (training/demo.py) and of the study (benchmarks/ablation.py): OpenMoji on a CPU.
+DEMO_RECIPE = "emoji-cpu"
 
 
 def recipes_dir() -> Path:

@@ -38,13 +38,10 @@ In a batch, `real_images` tells stand-ins (map-style) from real images and count
 
 from __future__ import annotations
 
-import argparse
 import copy
-import io
 import itertools
 import random
-import threading
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -52,106 +49,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image
+
+from .images import BadImageError, SkipCounter, adm_center_crop, decode_image, image_to_tensor
 
 # Hub ImageNet at the two resolutions the paper uses; own data may use any multiple of 16.
 IMAGENET_RESOLUTIONS = (256, 512)
 DEFAULT_SHUFFLE_BUFFER = 10_000
-
-
-def adm_center_crop(image: Image.Image, size: int) -> Image.Image:
-    """ADM centre crop (SPEC section 4): BOX-halve while the short side >= 2 * size, BICUBIC to short side = size,
-    then crop the centre ``size x size`` square."""
-    if size <= 0:
-        raise ValueError(f"size must be a positive integer, got {size!r}.")
-    while min(image.size) >= 2 * size:
-        image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize((round(image.width * scale), round(image.height * scale)), resample=Image.BICUBIC)
-    left = (image.width - size) // 2
-    top = (image.height - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
-class SkipCounter:
-    """Counts converted and skipped images by reason (thread-safe; per process and per DataLoader worker)."""
-
-    def __init__(self) -> None:
-        self.skipped: Counter[str] = Counter()
-        self.converted: Counter[str] = Counter()
-        self._lock = threading.Lock()
-
-    def skip(self, reason: str) -> None:
-        with self._lock:
-            self.skipped[reason] += 1
-
-    def convert(self, mode: str) -> None:
-        with self._lock:
-            self.converted[mode] += 1
-
-    @property
-    def num_skipped(self) -> int:
-        return sum(self.skipped.values())
-
-    def summary(self) -> str:
-        """One line for the log."""
-        skipped = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
-        converted = ", ".join(f"{k}: {v}" for k, v in sorted(self.converted.items())) or "none"
-        return f"skipped images ({skipped}); converted to RGB from ({converted})"
-
-
-class BadImageError(ValueError):
-    """An image that cannot be used; ``reason`` is the counter key."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-
-
-def to_rgb(image: Image.Image, counter: SkipCounter | None = None) -> Image.Image:
-    """Any PIL mode -> RGB. Transparency (RGBA, LA, P/L with a transparent index) is composited on white."""
-    if image.mode == "RGB":
-        return image
-    if counter is not None:
-        counter.convert(image.mode)
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        # 16/32-bit greyscale: PIL's convert would clip to 255, so rescale to the 8-bit range first.
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if array.max(initial=0) > 255 else 255.0
-        image = Image.fromarray(np.clip(array * (255.0 / peak), 0, 255).astype(np.uint8), mode="L")
-    has_alpha = image.mode in ("RGBA", "LA", "RGBa", "La", "PA") or "transparency" in image.info
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def decode_image(value, min_side: int = 8, counter: SkipCounter | None = None) -> Image.Image:
-    """A ``datasets`` image value (PIL image, or ``{"bytes", "path"}`` with ``decode=False``) -> RGB PIL image.
-
-    Raises `BadImageError` for unreadable/truncated files and images whose short side is below ``min_side``.
-    """
-    if isinstance(value, Image.Image):
-        image = value
-    else:
-        data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (None, value)
-        try:
-            image = Image.open(io.BytesIO(data)) if data is not None else Image.open(path)
-        except Exception as error:  # noqa: BLE001 - PIL raises many types for junk files
-            raise BadImageError("unreadable", str(error)) from error
-    try:
-        image.load()  # force the full decode now, so truncated files fail here and not mid-batch
-    except Exception as error:  # noqa: BLE001
-        raise BadImageError("truncated", str(error)) from error
-    if min(image.size) < min_side:
-        raise BadImageError("too_small", f"{image.size}")
-    return to_rgb(image, counter)
-
-
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> uint8 tensor [3, H, W]."""
-    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
 
 
 def _flip_decision(seed: int, epoch: int, index: int) -> bool:
@@ -558,93 +462,3 @@ def build_dataloader(
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
     )
-
-
-def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The data flags shared by train_repae.py, train_ldm.py and cache_latents.py."""
-    group = parser.add_argument_group("data")
-    group.add_argument(
-        "--dataset_name",
-        type=str,
-        default=None,
-        help="Hub dataset id (e.g. ILSVRC/imagenet-1k) or a local dataset script/folder for datasets.load_dataset. "
-        "Without --dataset_name and --train_data_dir the embedded OpenMoji emoji dataset is used.",
-    )
-    group.add_argument(
-        "--dataset_config_name", type=str, default=None, help="Config (subset) name of --dataset_name, if any."
-    )
-    group.add_argument(
-        "--train_data_dir",
-        type=str,
-        default=None,
-        help="Local image folder (one subfolder per class), read with datasets' imagefolder builder.",
-    )
-    group.add_argument(
-        "--streaming",
-        action="store_true",
-        help="Stream the dataset instead of downloading it first (ImageNet-scale data); shards per process and "
-        "shuffles with a buffer.",
-    )
-    group.add_argument(
-        "--shuffle_buffer_size",
-        type=int,
-        default=DEFAULT_SHUFFLE_BUFFER,
-        help="With --streaming: rows per shuffle window (each window is read whole, then yielded in a seeded order; "
-        "a resume re-reads at most one window). Memory: this many encoded images per process.",
-    )
-    group.add_argument("--image_column", type=str, default="image", help="Column holding the images.")
-    group.add_argument("--label_column", type=str, default="label", help="Column holding integer class labels.")
-    group.add_argument(
-        "--resolution",
-        type=int,
-        default=256,
-        help="Training resolution (ADM centre crop). ImageNet: 256 or 512. Own data: any multiple of 16 "
-        "(the tiny CPU demo uses 64).",
-    )
-    group.add_argument("--random_flip", action="store_true", help="Randomly flip images horizontally.")
-    group.add_argument(
-        "--cache_dir",
-        type=str,
-        default=None,
-        help="Cache folder for datasets (and the rendered OpenMoji data; default ~/.cache/diffusers_repae).",
-    )
-    group.add_argument(
-        "--embedded_label_by",
-        type=str,
-        default="group",
-        choices=["group", "subgroup"],
-        help="Labels of the embedded OpenMoji dataset: Unicode emoji group (9 classes) or subgroup.",
-    )
-    return parser
-
-
-def training_data_from_args(
-    args: argparse.Namespace,
-    seed: int = 0,
-    process_index: int = 0,
-    num_processes: int = 1,
-    split: str = "train",
-    shuffle: bool = True,
-) -> TrainingData:
-    """`load_training_dataset` with the flags of `add_data_args` (``shuffle=False``: a stream in source order)."""
-    return load_training_dataset(
-        dataset_name=args.dataset_name,
-        train_data_dir=args.train_data_dir,
-        dataset_config_name=args.dataset_config_name,
-        streaming=args.streaming,
-        image_column=args.image_column,
-        label_column=args.label_column,
-        resolution=args.resolution,
-        random_flip=args.random_flip,
-        split=split,
-        cache_dir=args.cache_dir,
-        seed=seed,
-        process_index=process_index,
-        num_processes=num_processes,
-        embedded_label_by=args.embedded_label_by,
-        shuffle_buffer_size=args.shuffle_buffer_size,
-        shuffle=shuffle,
-    )
-
-
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # truncated files must fail loudly in decode_image, then be skipped

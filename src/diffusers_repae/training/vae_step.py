@@ -92,7 +92,7 @@ def vae_train_step(
 @torch.no_grad()
 def reconstruction_pairs(vae, pixel_values: torch.Tensor) -> np.ndarray:
     """uint8 ``[N, 3, H, W]`` -> float ``[2N, H, W, 3]`` in [0, 1]: each image followed by its reconstruction
-    (posterior mean, decoded), ready for `trainer.grid_image` with an even number of columns."""
+    (posterior mean, decoded), ready for `validation.grid_image` with an even number of columns."""
     parameter = next(vae.parameters())
     x = pixel_values.to(parameter.device, parameter.dtype) / 127.5 - 1.0
     decoded = vae.decode(vae.encode(x).latent_dist.mode()).sample
