@@ -63,6 +63,8 @@ def test_demo_writes_its_report(demo_run):
     assert vae_alone["num_images"] == 10 and np.isfinite(vae_alone["FD-EfficientNetLite0"])
     assert 0 <= vae_alone["precision-EfficientNetLite0"] <= 1
     assert len(saved["stage_minutes"]) == 4 and saved["train_minutes"] <= saved["total_minutes"]
+    logs = (out / "stage2-ldm.log").read_text(), (out / "stage3-decoder.log").read_text()  # side by side
+    assert "LDM training" in logs[0] and "VAE training" in logs[1]
     assert (out / "pipeline" / "model_index.json").is_file()
     assert (out / "loss_curves.png").is_file()
 
@@ -126,7 +128,9 @@ def test_demo_refuses_to_overwrite_a_finished_demo(demo_run, capsys):
 
 def test_the_stages_get_the_recipes_settings():
     args = demo.parse_args([])
-    commands = dict(demo.stage_commands(args, Path("out"), "no"))
+    groups = demo.stage_commands(args, Path("out"), "no")
+    assert [len(group) for group in groups] == [1, 1, 2]  # stage 2 and the decoder stage side by side
+    commands = dict(item for group in groups for item in group)
     stage1, cache, stage2, stage3 = commands.values()
 
     def value(command, flag):
@@ -140,7 +144,7 @@ def test_the_stages_get_the_recipes_settings():
     assert value(stage3, "--disc_start") == value(stage3, "--lr_decay_start") == "1000"
     assert value(stage3, "--vae") == str(Path("out/stage1-repae"))
     no_decoder = demo.stage_commands(demo.parse_args(["--decoder_steps", "0"]), Path("out"), "no")
-    assert [name for name, _ in no_decoder] == list(commands)[:3]
+    assert [name for group in no_decoder for name, _ in group] == list(commands)[:3]
 
 
 @pytest.mark.parametrize(

@@ -196,8 +196,9 @@ def gan_flags(args, start: int) -> list[str]:
             str(args.gan_weight)]  # fmt: skip
 
 
-def stage_commands(args, out: Path, precision: str) -> list[tuple[str, list[str]]]:
-    """(name, command) of each stage, in order; each reads the folders the earlier ones wrote."""
+def stage_commands(args, out: Path, precision: str) -> list[list[tuple[str, list[str]]]]:
+    """Groups of (name, command), in order: each reads the folders the earlier groups wrote, and the stages of one
+    group (stage 2 and the decoder stage, which both start from stage 1) may run side by side."""
     stage1, latents, stage2, stage3 = (
         out / name for name in ("stage1-repae", "latents", "stage2-ldm", "stage3-decoder")
     )
@@ -206,41 +207,58 @@ def stage_commands(args, out: Path, precision: str) -> list[tuple[str, list[str]
         return ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", str(min(100, steps))]
 
     encoder = ["--enc_type", "efficientnet-lite0", "--weighting", "lognormal", "--ema_decay", str(args.ema_decay)]
-    commands = [
-        ("stage 1: end-to-end REPA-E (VAE + SiT + alignment)", [
-            "train_repae.py", "--recipe", RECIPE, *encoder, "--no_lpips", *gan_flags(args, 1_000_000_000),
-            *warmup(args.stage1_steps),
-            "--learning_rate", str(args.learning_rate), "--vae_learning_rate", str(args.vae_learning_rate),
-            *run_flags(args, stage1, args.stage1_steps, precision),
-        ]),
-        ("latent cache of the stage-1 VAE", [
-            "cache_latents.py", "--vae", str(stage1), "--output_dir", str(latents), *data_flags(args),
-        ]),
-        ("stage 2: the SiT on the frozen end-to-end VAE", [
-            "train_ldm.py", "--pretrained_model_name_or_path", str(stage1), "--latents_dir", str(latents), *encoder,
-            "--learning_rate", str(args.learning_rate), "--lr_scheduler", "linear", "--lr_warmup_steps", "0",
-            *run_flags(args, stage2, args.stage2_steps, precision),
-        ]),
-    ]  # fmt: skip
-    if args.decoder_steps:
-        commands.append(("stage 3: the decoder on the frozen encoder", [
-            "train_vae.py", "--vae", str(stage1), "--freeze_encoder", "--decoder_latent_noise",
-            str(args.decoder_latent_noise), "--no_lpips", *gan_flags(args, args.decoder_gan_start),
-            *warmup(args.decoder_steps),
-            "--lr_decay_start", str(args.decoder_gan_start), "--vae_learning_rate", str(args.vae_learning_rate),
-            *run_flags(args, stage3, args.decoder_steps, precision),
-        ]))  # fmt: skip
-    return commands
+    stage_1 = ("stage 1: end-to-end REPA-E (VAE + SiT + alignment)", [
+        "train_repae.py", "--recipe", RECIPE, *encoder, "--no_lpips", *gan_flags(args, 1_000_000_000),
+        *warmup(args.stage1_steps),
+        "--learning_rate", str(args.learning_rate), "--vae_learning_rate", str(args.vae_learning_rate),
+        *run_flags(args, stage1, args.stage1_steps, precision),
+    ])  # fmt: skip
+    cache = ("latent cache of the stage-1 VAE", [
+        "cache_latents.py", "--vae", str(stage1), "--output_dir", str(latents), *data_flags(args),
+    ])  # fmt: skip
+    stage_2 = ("stage 2: the SiT on the frozen end-to-end VAE", [
+        "train_ldm.py", "--pretrained_model_name_or_path", str(stage1), "--latents_dir", str(latents), *encoder,
+        "--learning_rate", str(args.learning_rate), "--lr_scheduler", "linear", "--lr_warmup_steps", "0",
+        *run_flags(args, stage2, args.stage2_steps, precision),
+    ])  # fmt: skip
+    if not args.decoder_steps:
+        return [[stage_1], [cache], [stage_2]]
+    stage_3 = ("stage 3: the decoder on the frozen encoder", [
+        "train_vae.py", "--vae", str(stage1), "--freeze_encoder", "--decoder_latent_noise",
+        str(args.decoder_latent_noise), "--no_lpips", *gan_flags(args, args.decoder_gan_start),
+        *warmup(args.decoder_steps),
+        "--lr_decay_start", str(args.decoder_gan_start), "--vae_learning_rate", str(args.vae_learning_rate),
+        *run_flags(args, stage3, args.decoder_steps, precision),
+    ])  # fmt: skip
+    return [[stage_1], [cache], [stage_2, stage_3]]
 
 
-def run_stage(name: str, command: list[str]) -> float:
-    """Runs one stage's script in its own process; returns its wall time in minutes."""
-    print(f"      {name}: python training/{' '.join(command)}", flush=True)
-    start = time.perf_counter()
-    result = subprocess.run([sys.executable, str(SCRIPTS / command[0]), *command[1:]])
-    if result.returncode != 0:
-        raise UserError(f"{name} failed (exit status {result.returncode}); its output is above.")
-    return (time.perf_counter() - start) / 60
+def run_stages(stages: list[tuple[str, list[str]]], out: Path) -> dict[str, float]:
+    """Runs stages that do not depend on each other side by side, each script in its own process sharing the cores
+    (a lone stage gets them all and prints to the terminal; side by side, each writes ``out/<its folder>.log``).
+    Returns each stage's wall time in minutes."""
+    threads = max(1, (os.cpu_count() or 1) // len(stages))
+    running = {}
+    for name, command in stages:
+        print(f"      {name}: python training/{' '.join(command)}", flush=True)
+        process_args = {}
+        if len(stages) > 1:
+            log = out / f"{Path(command[command.index('--output_dir') + 1]).name}.log"
+            print(f"        (side by side with {len(stages) - 1} other stage(s), {threads} thread(s); log: {log})")
+            process_args = {"stdout": log.open("w"), "stderr": subprocess.STDOUT}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if len(stages) > 1 else None
+        command_line = [sys.executable, str(SCRIPTS / command[0]), *command[1:]]
+        running[name] = (subprocess.Popen(command_line, env=env, **process_args), time.perf_counter(), process_args)
+    minutes = {}
+    for name, (process, start, process_args) in running.items():
+        status = process.wait()
+        minutes[name] = round((time.perf_counter() - start) / 60, 2)
+        if "stdout" in process_args:
+            process_args["stdout"].close()
+        if status != 0:
+            where = f"its log is {process_args['stdout'].name}" if process_args else "its output is above"
+            raise UserError(f"{name} failed (exit status {status}); {where}.")
+    return minutes
 
 
 def compose_pipeline(out: Path, args) -> Path:
@@ -365,10 +383,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print(f"      precision: {'bf16 autocast' if precision == 'bf16' else 'fp32'}; {torch.get_num_threads()} threads")
     stage_minutes = {}
-    for name, command in stage_commands(args, out, precision):
-        stage_minutes[name] = round(run_stage(name, command), 2)
+    train_start = time.perf_counter()
+    for stages in stage_commands(args, out, precision):
+        stage_minutes.update(run_stages(stages, out))
     pipeline_dir = compose_pipeline(out, args)
-    train_minutes = sum(stage_minutes.values())
+    train_minutes = (time.perf_counter() - train_start) / 60
 
     print("[3/4] sampling and scoring against the training images ...", flush=True)
     pipe = RepaEPipeline.from_pretrained(pipeline_dir)
