@@ -35,6 +35,7 @@ from accelerate.logging import get_logger
 from diffusers import AutoencoderKL
 
 from diffusers_repae import LatentBatchNorm, RepaEPipeline, REPAProjector, SiTTransformer2DModel, build_component
+from diffusers_repae import training_args as flags
 from diffusers_repae.recipes import load_component_config
 from diffusers_repae.schedulers import scheduler_for_path_type
 from diffusers_repae.training.builders import enable_gradient_checkpointing, latent_size
@@ -58,34 +59,18 @@ from diffusers_repae.training.model_card import PIPELINE_TAGS, save_model_card
 from diffusers_repae.training.optim import make_adamw
 from diffusers_repae.training.repae_step import RepaEHyperParameters, RepaEModels, ema_target
 from diffusers_repae.training.validation import log_validation
-from diffusers_repae.training_args import (
-    adamw_options,
-    add_data_args,
-    add_sit_training_args,
-    check_sit_training_args,
-    dataset_options,
-    parse_encoder_paths,
-    run_config,
-    tracker_config,
-    validation_options,
-)
 
 logger = get_logger(__name__, log_level="INFO")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="SiT + REPA on a frozen VAE (LDM-only training, fine-tuning and LoRA).",
-        epilog=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = flags.training_parser("SiT + REPA on a frozen VAE (LDM-only training, fine-tuning and LoRA).", __doc__)
     models = parser.add_argument_group("models")
-    models.add_argument(
-        "--recipe",
-        type=str,
-        default="sit-xl-1-e2e-vavae-ldm",
-        help="Recipe (pipelines/ name or folder) for a SiT trained from scratch: transformer, projector and "
-        "scheduler configs. Ignored with --pretrained_model_name_or_path.",
+    flags.add_recipe_arg(
+        models,
+        "sit-xl-1-e2e-vavae-ldm",
+        "Recipe (pipelines/ name or folder) for a SiT trained from scratch: transformer, projector and scheduler "
+        "configs. Ignored with --pretrained_model_name_or_path.",
     )
     models.add_argument(
         "--pretrained_model_name_or_path",
@@ -94,11 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="A RepaEPipeline folder (or Hub id) to fine-tune: its SiT, VAE and scheduler (and projector/ when "
         "present) are the starting point.",
     )
-    models.add_argument(
-        "--vae",
-        type=str,
-        default=None,
-        help="The frozen VAE: an AutoencoderKL folder or a pipeline folder with vae/ (required when training from a "
+    flags.add_vae_arg(
+        models,
+        "The frozen VAE: an AutoencoderKL folder or a pipeline folder with vae/ (required when training from a "
         "recipe). Its config statistics normalise the latents.",
     )
     models.add_argument(
@@ -132,10 +115,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="The dataset's classes are new: append them to the pretrained label table (ids num_classes + label) "
         "and train their rows; old rows stay as they were. Without it labels must be existing class ids.",
     )
-    add_sit_training_args(parser, tracker_project_name="train_ldm")
-    add_data_args(parser)
+    flags.add_sit_training_args(parser, tracker_project_name="train_ldm")
+    flags.add_data_args(parser)
     args = parser.parse_args(argv)
-    check_sit_training_args(args)
+    flags.check_sit_training_args(args)
     if args.pretrained_model_name_or_path is None and args.vae is None:
         raise ValueError("--vae is required when training from a recipe (no --pretrained_model_name_or_path).")
     if args.lora_rank < 0:
@@ -284,10 +267,10 @@ def model_card(args, data, num_params: dict[str, int], global_step: int, global_
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
-    run = run_config(args)
+    run = flags.run_config(args)
     accelerator = setup_accelerator(run)
     data, dataloader = load_data(
-        accelerator, run, dataset_options(args), wrap=lambda data: training_dataset(args, data)
+        accelerator, run, flags.dataset_options(args), wrap=lambda data: training_dataset(args, data)
     )
 
     vae = load_frozen_vae(args).to(accelerator.device)
@@ -300,9 +283,13 @@ def main(argv: list[str] | None = None) -> Path:
     num_tokens = (transformer.config.sample_size // transformer.config.patch_size) ** 2
     with accelerator.main_process_first():
         encoders = load_vision_encoders(
-            args.enc_type, args.resolution, num_tokens, accelerator.device,
-            local_paths=parse_encoder_paths(args.encoder_paths), autocast_dtype=autocast_dtype(accelerator),
-        )  # fmt: skip
+            args.enc_type,
+            args.resolution,
+            num_tokens,
+            accelerator.device,
+            local_paths=flags.parse_encoder_paths(args.encoder_paths),
+            autocast_dtype=autocast_dtype(accelerator),
+        )
     projector = load_projector(args, transformer, encoders)
 
     id2label: dict[int, str] = {}
@@ -327,22 +314,14 @@ def main(argv: list[str] | None = None) -> Path:
 
     enable_gradient_checkpointing(args.gradient_checkpointing, transformer)
     sit_params = list(transformer.parameters()) + list(projector.parameters())
-    optimizer = make_adamw(sit_params, args.learning_rate, **adamw_options(args))
+    optimizer = make_adamw(sit_params, args.learning_rate, **flags.adamw_options(args))
     if args.compile:
         transformer = torch.compile(transformer)
     transformer, projector, optimizer = accelerator.prepare(transformer, projector, optimizer)
     models = RepaEModels(
-        vae=None,
-        transformer=transformer,
-        projector=projector,
-        discriminator=None,
-        latent_norm=latent_norm,
-        encoders=encoders,
-        vae_loss=None,
-        optimizer_vae=None,
-        optimizer_disc=None,
+        transformer=transformer, projector=projector, latent_norm=latent_norm, encoders=encoders,
         optimizer_sit=optimizer,
-    )
+    )  # fmt: skip
     # LoRA saves the trained adapter itself unless --lora_ema (decay 0: the copy follows it exactly); fine-tuning
     # a pretrained SiT warms the EMA up, training from a recipe uses the original's plain EMA.
     ema_decay = 0.0 if args.lora_rank and not args.lora_ema else args.ema_decay
@@ -365,7 +344,7 @@ def main(argv: list[str] | None = None) -> Path:
         freeze_latent_norm=True,
     )
 
-    global_step, resume = resume_and_start_trackers(run, accelerator, tracker_config(args))
+    global_step, resume = resume_and_start_trackers(run, accelerator, flags.tracker_config(args))
     unwrapped = accelerator.unwrap_model(transformer)
     num_params = {
         "sit": sum(p.numel() for p in unwrapped.parameters()),
@@ -381,7 +360,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     def validate(step: int) -> None:
         pipeline = export_pipeline(models, vae, scheduler, id2label, settings)
-        log_validation(accelerator, pipeline, data, step, **validation_options(args))
+        log_validation(accelerator, pipeline, data, step, **flags.validation_options(args))
 
     global_step = run_training_loop(
         run, accelerator, data, dataloader, step_fn, {"sit": optimizer}, history, global_step, resume, validate

@@ -21,6 +21,7 @@ import torch
 from accelerate.logging import get_logger
 
 from diffusers_repae import LatentBatchNorm, RepaEPipeline, build_component, load_component_config
+from diffusers_repae import training_args as flags
 from diffusers_repae.cli import UserError
 from diffusers_repae.schedulers import scheduler_for_path_type
 from diffusers_repae.training.builders import (
@@ -52,20 +53,6 @@ from diffusers_repae.training.repae_step import (
     train_step,
 )
 from diffusers_repae.training.validation import log_validation
-from diffusers_repae.training_args import (
-    adamw_options,
-    add_data_args,
-    add_sit_training_args,
-    add_vae_loss_args,
-    check_sit_training_args,
-    check_vae_loss_args,
-    dataset_options,
-    parse_encoder_paths,
-    run_config,
-    tracker_config,
-    vae_loss_options,
-    validation_options,
-)
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -104,20 +91,17 @@ def refuse_moved_flags(argv: list[str]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="End-to-end REPA-E training (VAE + SiT + discriminator).")
+    parser = flags.training_parser("End-to-end REPA-E training (VAE + SiT + discriminator).")
     # models
-    parser.add_argument(
-        "--recipe",
-        type=str,
-        default="sit-xl-2-sdvae",
-        help="Recipe name in pipelines/ (e.g. sit-xl-2-sdvae, tiny-cpu) or a folder in RepaEPipeline layout; the "
+    flags.add_recipe_arg(
+        parser,
+        "sit-xl-2-sdvae",
+        "Recipe name in pipelines/ (e.g. sit-xl-2-sdvae, tiny-cpu) or a folder in RepaEPipeline layout; the "
         "SiT, projector, VAE and scheduler configs come from it.",
     )
-    parser.add_argument(
-        "--vae",
-        type=str,
-        default=None,
-        help="Starting VAE: an AutoencoderKL folder (or a pipeline folder with vae/), e.g. REPA-E's *-hf VAEs. "
+    flags.add_vae_arg(
+        parser,
+        "Starting VAE: an AutoencoderKL folder (or a pipeline folder with vae/), e.g. REPA-E's *-hf VAEs. "
         "Its latents_mean/latents_std, when present, initialise the latent BatchNorm. Every REPA-E recipe starts "
         "from a pretrained VAE: "
         + "; ".join(f"{recipe}: {vae}" for recipe, vae in RECIPE_VAES.items())
@@ -127,14 +111,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--vae_align_proj_coeff", type=float, default=1.5, help="Alignment weight in the VAE loss (end-to-end)."
     )
     parser.add_argument("--bn_momentum", type=float, default=0.1, help="Momentum of the latent BatchNorm.")
-    add_vae_loss_args(parser)
-    add_sit_training_args(parser, tracker_project_name="train_repae")
-    add_data_args(parser)
+    flags.add_vae_loss_args(parser)
+    flags.add_sit_training_args(parser, tracker_project_name="train_repae")
+    flags.add_data_args(parser)
     refuse_moved_flags(argv if argv is not None else sys.argv[1:])
     args = parser.parse_args(argv)
 
-    check_vae_loss_args(args)
-    check_sit_training_args(args)
+    flags.check_vae_loss_args(args)
+    flags.check_sit_training_args(args)
     return args
 
 
@@ -198,9 +182,9 @@ def model_card(args, data, num_params: dict[str, int], global_step: int, global_
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
-    run = run_config(args)
+    run = flags.run_config(args)
     accelerator = setup_accelerator(run)
-    data, dataloader = load_data(accelerator, run, dataset_options(args))
+    data, dataloader = load_data(accelerator, run, flags.dataset_options(args))
 
     # Models from the recipe.
     if args.vae is None:
@@ -231,7 +215,7 @@ def main(argv: list[str] | None = None) -> Path:
             args.resolution,
             num_tokens,
             accelerator.device,
-            local_paths=parse_encoder_paths(args.encoder_paths),
+            local_paths=flags.parse_encoder_paths(args.encoder_paths),
             autocast_dtype=autocast_dtype(accelerator),  # targets under the training's autocast, as the original
         )
     projector = build_component(
@@ -251,11 +235,11 @@ def main(argv: list[str] | None = None) -> Path:
         latent_norm = torch.nn.SyncBatchNorm.convert_sync_batchnorm(latent_norm)
     latent_norm.to(accelerator.device)
 
-    vae_loss = build_vae_loss(accelerator.device, **vae_loss_options(args))
+    vae_loss = build_vae_loss(accelerator.device, **flags.vae_loss_options(args))
 
     vae_module = VAEWithPosterior(vae)
     enable_gradient_checkpointing(args.gradient_checkpointing, transformer, vae)
-    adamw = adamw_options(args)
+    adamw = flags.adamw_options(args)
     optimizer_vae = make_adamw(vae_module.parameters(), args.vae_learning_rate, **adamw)
     optimizer_disc = make_adamw(discriminator.parameters(), args.disc_learning_rate, **adamw)
     sit_params = list(transformer.parameters()) + list(projector.parameters())
@@ -295,7 +279,7 @@ def main(argv: list[str] | None = None) -> Path:
         max_grad_norm=args.max_grad_norm,
     )
 
-    global_step, resume = resume_and_start_trackers(run, accelerator, tracker_config(args))
+    global_step, resume = resume_and_start_trackers(run, accelerator, flags.tracker_config(args))
     num_params = {
         "sit": sum(p.numel() for p in accelerator.unwrap_model(transformer).parameters()),
         "projector": sum(p.numel() for p in accelerator.unwrap_model(projector).parameters()),
@@ -314,7 +298,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     def validate(step: int) -> None:
         pipeline = build_pipeline(args, accelerator, models, data)
-        log_validation(accelerator, pipeline, data, step, **validation_options(args))
+        log_validation(accelerator, pipeline, data, step, **flags.validation_options(args))
 
     optimizers = {"sit": optimizer_sit, "vae": optimizer_vae, "disc": optimizer_disc}
     global_step = run_training_loop(

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from accelerate.logging import get_logger
 
+from diffusers_repae import training_args as flags
 from diffusers_repae.cli import run_cli
 from diffusers_repae.training.builders import (
     build_vae_loss,
@@ -49,40 +50,22 @@ from diffusers_repae.training.optim import linear_decay_factor, make_adamw
 from diffusers_repae.training.repae_step import RepaEHyperParameters, RepaEModels, VAEWithPosterior
 from diffusers_repae.training.vae_step import VAEWithFrozenEncoder, reconstruction_pairs, vae_train_step
 from diffusers_repae.training.validation import grid_image
-from diffusers_repae.training_args import (
-    adamw_options,
-    add_data_args,
-    add_run_args,
-    add_vae_loss_args,
-    check_run_args,
-    check_vae_loss_args,
-    dataset_options,
-    run_config,
-    tracker_config,
-    vae_loss_options,
-)
 
 logger = get_logger(__name__, log_level="INFO")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Train a KL autoencoder (L1 + LPIPS + KL + PatchGAN) and export a diffusers AutoencoderKL.",
-        epilog=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = flags.training_parser(
+        "Train a KL autoencoder (L1 + LPIPS + KL + PatchGAN) and export a diffusers AutoencoderKL.", __doc__
     )
     models = parser.add_argument_group("model")
-    models.add_argument(
-        "--recipe",
-        type=str,
-        default="sit-xl-2-sdvae",
-        help="Recipe (pipelines/ name or folder) whose vae/config.json gives the architecture (random weights).",
+    flags.add_recipe_arg(
+        models,
+        "sit-xl-2-sdvae",
+        "Recipe (pipelines/ name or folder) whose vae/config.json gives the architecture (random weights).",
     )
-    models.add_argument(
-        "--vae",
-        type=str,
-        default=None,
-        help="Start from this AutoencoderKL folder (or a pipeline folder with vae/) instead of random weights.",
+    flags.add_vae_arg(
+        models, "Start from this AutoencoderKL folder (or a pipeline folder with vae/) instead of random weights."
     )
     decoder = parser.add_argument_group(
         "decoder fine-tuning: a sharper decoder for a fixed latent space (e.g. after REPA-E stages 1 and 2)"
@@ -108,8 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="From this step on, every learning rate decays linearly to 0 at --max_train_steps (on top of "
         "--lr_scheduler). Default: no decay.",
     )
-    add_vae_loss_args(parser)
-    opt, log = add_run_args(parser, tracker_project_name="train_vae")
+    flags.add_vae_loss_args(parser)
+    opt, log = flags.add_run_args(parser, tracker_project_name="train_vae")
     log.add_argument(
         "--num_validation_images", type=int, default=8, help="Images in the real | reconstruction validation grid."
     )
@@ -119,11 +102,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=10_000,
         help="Training images whose latents give the exported latents_mean/latents_std (0: all of them).",
     )
-    add_data_args(parser)
+    flags.add_data_args(parser)
     parser.set_defaults(output_dir="vae-output", validation_steps=1000)
     args = parser.parse_args(argv)
-    check_vae_loss_args(args)
-    check_run_args(args)
+    flags.check_vae_loss_args(args)
+    flags.check_run_args(args)
     if args.num_validation_images < 1 or args.latent_stats_images < 0:
         raise ValueError("--num_validation_images must be >= 1 and --latent_stats_images >= 0.")
     if args.freeze_encoder and args.vae is None:
@@ -215,37 +198,36 @@ def model_card(args, data, stats, num_params: int, global_step: int, global_batc
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
-    run = run_config(args)
+    run = flags.run_config(args)
     output_dir = Path(args.output_dir)
     accelerator = setup_accelerator(run)
-    data, dataloader = load_data(accelerator, run, dataset_options(args))
+    data, dataloader = load_data(accelerator, run, flags.dataset_options(args))
     validation_images = validation_batch(data, args.num_validation_images) if accelerator.is_main_process else None
 
     vae = load_starting_vae(args.vae, args.recipe)
     discriminator = load_starting_discriminator(args.discriminator_checkpoint, args.disc_ndf, args.disc_layers)
-    vae_loss = build_vae_loss(accelerator.device, **vae_loss_options(args))
+    vae_loss = build_vae_loss(accelerator.device, **flags.vae_loss_options(args))
     if args.freeze_encoder:
         vae_module = VAEWithFrozenEncoder(vae, args.decoder_latent_noise)
     else:
         vae_module = VAEWithPosterior(vae)
     enable_gradient_checkpointing(args.gradient_checkpointing, vae)
     trainable = [p for p in vae_module.parameters() if p.requires_grad]
-    adamw = adamw_options(args)
+    adamw = flags.adamw_options(args)
     optimizer_vae = make_adamw(trainable, args.vae_learning_rate, **adamw)
     optimizer_disc = make_adamw(discriminator.parameters(), args.disc_learning_rate, **adamw)
     vae_module, discriminator, optimizer_vae, optimizer_disc = accelerator.prepare(
         vae_module, discriminator, optimizer_vae, optimizer_disc
     )
     models = RepaEModels(
-        vae=vae_module, transformer=None, projector=None, discriminator=discriminator, latent_norm=None,
-        encoders=[], vae_loss=vae_loss, optimizer_vae=optimizer_vae, optimizer_disc=optimizer_disc,
-        optimizer_sit=None,
+        vae=vae_module, discriminator=discriminator, vae_loss=vae_loss, optimizer_vae=optimizer_vae,
+        optimizer_disc=optimizer_disc,
     )  # fmt: skip
     settings = RunSettings(recipe=str(args.vae or args.recipe), resolution=args.resolution)
     dataloader, generators, history = prepare_run_state(accelerator, run, data, dataloader, settings)
     hp = RepaEHyperParameters(max_grad_norm=args.max_grad_norm)
 
-    global_step, resume = resume_and_start_trackers(run, accelerator, tracker_config(args))
+    global_step, resume = resume_and_start_trackers(run, accelerator, flags.tracker_config(args))
     num_params = sum(p.numel() for p in vae.parameters())
     logger.info(f"***** VAE training: {num_params:,} parameters, {data.source}, {args.max_train_steps} steps *****")
 

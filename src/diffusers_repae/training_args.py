@@ -17,6 +17,27 @@ from .training.loop import RunConfig
 from .training.losses import LPIPS_INPUT_RANGES, PATH_TYPES, WEIGHTINGS
 
 
+def training_parser(description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """A training script's parser; ``epilog`` (the script's docstring, its example commands) is kept as written."""
+    if epilog is None:
+        return argparse.ArgumentParser(description=description)
+    return argparse.ArgumentParser(
+        description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
+def add_recipe_arg(group, default: str, help: str) -> None:
+    """``--recipe``: a pipelines/ name or a folder in RepaEPipeline layout; ``help`` says what the script takes
+    from it."""
+    group.add_argument("--recipe", type=str, default=default, help=help)
+
+
+def add_vae_arg(group, help: str) -> None:
+    """``--vae``: an AutoencoderKL folder (or a pipeline folder with vae/); ``help`` says what the script does
+    with it."""
+    group.add_argument("--vae", type=str, default=None, help=help)
+
+
 def add_run_args(parser: argparse.ArgumentParser, tracker_project_name: str) -> tuple:
     """Flags every training script has (output, batch, steps, AdamW, precision, checkpoints, logging).
 

@@ -58,18 +58,21 @@ class RepaEHyperParameters:
 
 @dataclass
 class RepaEModels:
-    """Everything a step touches. ``vae``, ``transformer``, ``projector``, ``discriminator`` may be DDP-wrapped."""
+    """Everything a step touches. ``vae``, ``transformer``, ``projector``, ``discriminator`` may be DDP-wrapped.
 
-    vae: nn.Module
-    transformer: nn.Module
-    projector: nn.Module
-    discriminator: nn.Module
-    latent_norm: nn.Module
-    encoders: list
-    vae_loss: VAEReconstructionLoss
-    optimizer_vae: torch.optim.Optimizer
-    optimizer_disc: torch.optim.Optimizer
-    optimizer_sit: torch.optim.Optimizer
+    A stage that trains part of the method leaves the rest None (train_ldm.py: no VAE side; train_vae.py: no SiT).
+    """
+
+    vae: nn.Module | None = None
+    transformer: nn.Module | None = None
+    projector: nn.Module | None = None
+    discriminator: nn.Module | None = None
+    latent_norm: nn.Module | None = None
+    encoders: list = field(default_factory=list)
+    vae_loss: VAEReconstructionLoss | None = None
+    optimizer_vae: torch.optim.Optimizer | None = None
+    optimizer_disc: torch.optim.Optimizer | None = None
+    optimizer_sit: torch.optim.Optimizer | None = None
     ema: ModelEMA | None = None
     extra: dict = field(default_factory=dict)
 
