@@ -170,6 +170,27 @@ def test_demo_refuses_bad_stage_settings(flags, capsys):
     assert "must be" in capsys.readouterr().err
 
 
+def test_demo_streams_a_hub_dataset(tmp_path, monkeypatch):
+    from diffusers_repae import RepaEPipeline
+    from hub_layout import write_hub_layout
+
+    hub = write_hub_layout(_image_folder(tmp_path / "images"), tmp_path / "hub")
+    monkeypatch.setenv("DIFFUSERS_REPAE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    argv = [
+        "--output_dir", str(out), "--dataset_name", str(hub), "--streaming", "--stage1_steps", "2",
+        "--stage2_steps", "2", "--decoder_steps", "0", "--train_batch_size", "4", "--num_eval_samples", "10",
+        "--num_inference_steps", "2",
+    ]  # fmt: skip
+    _reset_accelerate()
+    metrics = demo.main(argv)
+    assert metrics["num_reference_images"] == 12 and len(metrics["stage_minutes"]) == 2  # no latent cache
+    assert not (out / "latents").exists()
+    assert "Latents encoded on the fly" in (out / "stage2-ldm" / "README.md").read_text()
+    pipe = RepaEPipeline.from_pretrained(out / "pipeline")
+    assert pipe.id2label == {0: "blue", 1: "red"}
+
+
 def test_reference_features_are_computed_once_then_read(tmp_path, monkeypatch):
     from diffusers_repae.evaluation import quick_score
 

@@ -97,6 +97,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--dataset_config_name", type=str, default=None, help="Its configuration, if it has several.")
     data.add_argument("--image_column", type=str, default="image", help="Image column of --dataset_name.")
     data.add_argument("--label_column", type=str, default="label", help="Label column of --dataset_name.")
+    data.add_argument(
+        "--streaming",
+        action="store_true",
+        help="Stream --dataset_name instead of downloading it: every stage streams, stage 2 encodes its latents on "
+        "the fly (the latent cache is for downloaded data) and the scores use the stream's first images.",
+    )
     data.add_argument("--resolution", type=int, default=32, help="Image side in pixels (a multiple of 16).")
     stages = parser.add_argument_group("stages")
     stages.add_argument("--stage1_steps", type=int, default=1000, help="Steps of end-to-end REPA-E (train_repae.py).")
@@ -143,12 +149,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     sampling = parser.add_argument_group("sampling and scoring")
     sampling.add_argument("--num_eval_samples", type=int, default=360, help="Samples scored against the data.")
+    sampling.add_argument(
+        "--num_reference_images",
+        type=int,
+        default=2000,
+        help="Training images the samples are scored against: the first N in dataset order (OpenMoji: all 1,898).",
+    )
     sampling.add_argument("--num_inference_steps", type=int, default=50, help="Sampler steps.")
     sampling.add_argument("--guidance_scale", type=float, default=3.0, help="Classifier-free guidance scale.")
     sampling.add_argument("--sampler", choices=["sde", "euler", "heun"], default="sde", help="Sampler.")
     args = parser.parse_args(argv)
     if args.dataset_name and args.train_data_dir:
         parser.error("give --train_data_dir or --dataset_name, not both.")
+    if args.streaming and not args.dataset_name:
+        parser.error("--streaming streams a --dataset_name; give one (image folders and OpenMoji are read directly).")
+    if args.num_reference_images < 10:
+        parser.error(f"--num_reference_images must be >= 10, got {args.num_reference_images}.")
     for flag in ("stage1_steps", "stage2_steps"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
@@ -177,6 +193,8 @@ def data_flags(args) -> list[str]:
         flags += ["--label_column", args.label_column]
         if args.dataset_config_name:
             flags += ["--dataset_config_name", args.dataset_config_name]
+        if args.streaming:
+            flags += ["--streaming"]
     return flags
 
 
@@ -216,13 +234,15 @@ def stage_commands(args, out: Path, precision: str) -> list[list[tuple[str, list
     cache = ("latent cache of the stage-1 VAE", [
         "cache_latents.py", "--vae", str(stage1), "--output_dir", str(latents), *data_flags(args),
     ])  # fmt: skip
+    cached = [] if args.streaming else ["--latents_dir", str(latents)]  # a stream is encoded on the fly
     stage_2 = ("stage 2: the SiT on the frozen end-to-end VAE", [
-        "train_ldm.py", "--pretrained_model_name_or_path", str(stage1), "--latents_dir", str(latents), *encoder,
+        "train_ldm.py", "--pretrained_model_name_or_path", str(stage1), *cached, *encoder,
         "--learning_rate", str(args.learning_rate), "--lr_scheduler", "linear", "--lr_warmup_steps", "0",
         *run_flags(args, stage2, args.stage2_steps, precision),
     ])  # fmt: skip
+    prepare = [] if args.streaming else [[cache]]
     if not args.decoder_steps:
-        return [[stage_1], [cache], [stage_2]]
+        return [[stage_1], *prepare, [stage_2]]
     stage_3 = ("stage 3: the decoder on the frozen encoder", [
         "train_vae.py", "--vae", str(stage1), "--freeze_encoder", "--decoder_latent_noise",
         str(args.decoder_latent_noise), "--no_lpips", *gan_flags(args, args.decoder_gan_start),
@@ -230,7 +250,7 @@ def stage_commands(args, out: Path, precision: str) -> list[list[tuple[str, list
         "--lr_decay_start", str(args.decoder_gan_start), "--vae_learning_rate", str(args.vae_learning_rate),
         *run_flags(args, stage3, args.decoder_steps, precision),
     ])  # fmt: skip
-    return [[stage_1], [cache], [stage_2, stage_3]]
+    return [[stage_1], *prepare, [stage_2, stage_3]]
 
 
 def run_stages(stages: list[tuple[str, list[str]]], out: Path) -> dict[str, float]:
@@ -372,6 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
         image_column=args.image_column,
         label_column=args.label_column,
         resolution=args.resolution,
+        streaming=args.streaming,
     )
     print(f"      {data.describe_size()}, {data.num_classes} classes ({data.source})")
     if data.attribution:
@@ -398,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict:
         "sampler": args.sampler,
     }
     samples, labels = balanced_samples(pipe, args.num_eval_samples, seed=args.seed, **call)
-    reference, reference_labels = dataset_images(data.dataset)
+    reference, reference_labels = dataset_images(data.dataset, limit=args.num_reference_images)
     extractor, reference_features = cached_reference_features(reference)
     scores = score_features(reference_features, pooled_features(extractor, samples))
     # the VAE alone, on as many training images as samples: the bound its reconstructions put on the samples

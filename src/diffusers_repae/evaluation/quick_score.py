@@ -27,14 +27,18 @@ def uint8_batches(images: np.ndarray, batch_size: int = 64):
 
 
 def dataset_images(dataset, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(images uint8 [N, H, W, 3], labels [N])`` of an `ImageLabelDataset` in dataset order, without flips and
-    without the stand-ins it returns for unreadable files (so nothing is counted twice)."""
-    flip, dataset.random_flip = dataset.random_flip, False
-    try:
-        count = len(dataset) if limit is None else min(limit, len(dataset))
-        items = [dataset[i] for i in range(count)]
-    finally:
-        dataset.random_flip = flip
+    """``(images uint8 [N, H, W, 3], labels [N])`` of an `ImageLabelDataset` in dataset order (of a streamed
+    `StreamingImageLabelDataset`: its first ``limit`` rows in source order), without flips and without the
+    stand-ins for unreadable files (so nothing is counted twice)."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        items = list(dataset.read_in_order(stop=limit))
+    else:
+        flip, dataset.random_flip = dataset.random_flip, False
+        try:
+            count = len(dataset) if limit is None else min(limit, len(dataset))
+            items = [dataset[i] for i in range(count)]
+        finally:
+            dataset.random_flip = flip
     items = [item for item in items if int(item.get("num_skipped", 0)) == 0]
     images = np.stack([item["pixel_values"].permute(1, 2, 0).numpy() for item in items])
     return images, np.array([int(item["labels"]) for item in items])
