@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from hub_layout import write_hub_layout
 from safetensors.torch import load_file
 
 from diffusers_repae.training.data import load_training_dataset
+from hub_layout import write_hub_layout
 from tiny_setup import write_tiny_setup
 
 REPO = Path(__file__).resolve().parents[2]
