@@ -171,3 +171,15 @@ def test_two_processes_streamed_resume_equals_an_uninterrupted_run(hub, tmp_path
     _launch_two_processes(TRAINING / "train_repae.py", argv(split, 2))
     _launch_two_processes(TRAINING / "train_repae.py", argv(split, 4, "--resume_from_checkpoint", "latest"))
     _assert_same_checkpoints(straight / "checkpoint-4", split / "checkpoint-4")
+
+
+def test_a_stream_is_read_in_the_main_process(hub, tmp_path):
+    # workers would read ahead of the position the checkpoint records: refused, and the default follows the data
+    parse = _script("train_repae").parse_args
+    argv = [*_common(hub, tmp_path / "run", 2), *TRAINERS["train_repae"]]
+    at = argv.index("--dataloader_num_workers")
+    del argv[at : at + 2]
+    assert parse([*argv, "--streaming"]).dataloader_num_workers == 0
+    assert parse(argv).dataloader_num_workers == 4
+    with pytest.raises(ValueError, match="--dataloader_num_workers 2 with --streaming"):
+        parse([*argv, "--streaming", "--dataloader_num_workers", "2"])
