@@ -65,6 +65,13 @@ def ws(tmp_path_factory):
     np.savez(root / "samples.npz", np.zeros((2, 8, 8, 3), np.uint8))
     torch.save({"model": Payload(root / "code-ran")}, root / "payload.pt")
     (root / "existing.npz").write_bytes(b"keep")
+    (root / "images.png").write_bytes(b"the user's picture")
+    (root / "readme").mkdir()
+    (root / "readme" / "README.md").write_text("the user's own notes")
+    (root / "sampled" / "images").mkdir(parents=True)  # a previous sampling run (of other settings)
+    (root / "sampled" / "sampling_config.json").write_text("{}")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "sampled" / "images" / "000000.png")
+    (root / "sampled" / "images" / "keep.txt").write_text("mine")
     return root
 
 
@@ -250,6 +257,41 @@ CLI_CASES += [
     ("train_ldm", [*LDM, "--output_dir", "{ws}/run", "--resume_from_checkpoint", "{ws}/foreign"], "checkpoint-<step>"),
 ]
 
+# Round 3 (issue 25). Data loss: --overwrite removes only what a run of ours wrote, after checking everything first,
+# and no writer replaces a user's file without --overwrite.
+CLI_CASES += [
+    ("train_repae", [*TRAIN, "--output_dir", "{ws}/readme", "--overwrite"], "'README.md', which no training run"),
+    ("train_repae", [*TRAIN, "--output_dir", "{ws}/readme"], "'README.md', which no training run"),
+    ("train_repae", [*TRAIN, "--output_dir", "{ws}/foreign", "--overwrite"], "'notes.txt', which no training run"),
+    ("train_ldm", [*LDM, "--output_dir", "{ws}/readme", "--overwrite"], "'README.md', which no training run"),
+    (
+        "sample_fid",
+        ["--pretrained", "{ws}/missing", "--output_dir", "{ws}/run", "--overwrite", "--cpu"],
+        "--pretrained",
+    ),
+    (
+        "sample_fid",
+        ["--pretrained", "tiny-cpu", "--output_dir", "{ws}/foreign", "--overwrite", "--cpu", "--num_samples", "1"],
+        "'notes.txt', which no sampling run wrote",
+    ),
+    (
+        "sample_fid",
+        ["--pretrained", "tiny-cpu", "--output_dir", "{ws}/sampled", "--overwrite", "--cpu", "--num_samples", "1"],
+        "'images/keep.txt', which no sampling run wrote",
+    ),
+    (
+        "sample_fid",
+        ["--pretrained", "tiny-cpu", "--output_dir", "{ws}/new", "--npz_path", "{ws}/existing.npz", "--cpu"],
+        "--overwrite",
+    ),
+    ("sample", ["--pretrained", "tiny-cpu", "--class_labels", "0", "--output", "{ws}/images.png"], "--overwrite"),
+    (
+        "compute_latent_stats",
+        ["--vae", "{ws}/vae", "--plot", "{ws}/existing.npz", "--train_data_dir", "{ws}/images"],
+        "--overwrite",
+    ),
+]
+
 if importlib.util.find_spec("wandb") is None:  # the tracker the flag names is not installed
     CLI_CASES.append(("train_repae", [*TRAIN, "--output_dir", "{ws}/new", "--report_to", "wandb"], "--report_to"))
 
@@ -418,21 +460,36 @@ def test_replacing_folder_leaves_nothing_stale_and_keeps_the_old_one_on_failure(
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging or old copies left behind
 
 
-def test_training_output_dir_refused_then_overwrite_removes_the_old_run(tmp_path):
+def test_training_output_dir_refused_then_overwrite_removes_only_the_old_run(tmp_path):
     from diffusers_repae.cli import UserError
     from diffusers_repae.training.checkpointing import check_output_dir, remove_previous_run
 
     run = tmp_path / "run"
-    for name in ("checkpoint-2", "checkpoint-4", "transformer", "validation"):
+    for name in ("checkpoint-2", "checkpoint-4", "transformer", "validation", "logs"):
         (run / name).mkdir(parents=True)
     (run / "model_index.json").write_text("{}")
     (run / "my_notes.txt").write_text("not the run's")
     with pytest.raises(UserError, match="already holds a run.*--overwrite"):
         check_output_dir(run, None, overwrite=False)
     assert check_output_dir(run, "latest", overwrite=False) == []  # resuming is fine
+    with pytest.raises(UserError, match="holds 'my_notes.txt', which no training run of ours wrote"):
+        check_output_dir(run, None, overwrite=True)  # nothing is removed while a foreign file is there
+    assert (run / "checkpoint-2").is_dir() and (run / "my_notes.txt").is_file()
+    (run / "my_notes.txt").unlink()
     remove_previous_run(run, check_output_dir(run, None, overwrite=True))
-    assert [p.name for p in run.iterdir()] == ["my_notes.txt"]
+    assert list(run.iterdir()) == []
     assert check_output_dir(run, None, overwrite=False) == []
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_users_readme_is_never_replaced_by_a_model_card(tmp_path, overwrite):
+    from diffusers_repae.cli import UserError
+    from diffusers_repae.training.checkpointing import check_output_dir
+
+    (tmp_path / "README.md").write_text("the user's own notes")
+    with pytest.raises(UserError, match="holds 'README.md', which no training run of ours wrote"):
+        check_output_dir(tmp_path, None, overwrite=overwrite)
+    assert (tmp_path / "README.md").read_text() == "the user's own notes"
 
 
 def test_weights_finite_sees_a_nan_parameter():

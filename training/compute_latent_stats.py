@@ -63,7 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--write", type=str, default=None, help="Save a copy of the VAE with the measured statistics to this folder."
     )
     parser.add_argument(
-        "--overwrite", action="store_true", help="Replace an existing --write folder (never the input --vae)."
+        "--overwrite",
+        action="store_true",
+        help="Replace an existing --write folder or --plot file (never the input --vae).",
     )
     return parser.parse_args(argv)
 
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     inputs = {"--vae": args.vae, "--train_data_dir": args.train_data_dir}
     if args.write:  # the statistics go into a copy: never into the VAE that was measured
         refuse_overwrite(args.write, "--write", inputs, args.overwrite)
-    refuse_overwrite(args.plot, "--plot", inputs, overwrite=True)
+    refuse_overwrite(args.plot, "--plot", inputs, overwrite=args.overwrite)
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {args.batch_size}.")
     if args.max_images is not None and args.max_images < 1:

@@ -55,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--num_threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 suits tiny models)."
     )
     parser.add_argument("--output", default="grid.png", help="Where to write the image grid (PNG).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output file.")
     parser.add_argument(
         "--lora", default=None, help="A LoRA folder written by train_ldm.py --lora_rank (OUTPUT_DIR/lora) to load."
     )
@@ -85,7 +86,9 @@ def parse_label(label: str) -> int | str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    refuse_overwrite(args.output, "--output", {"--pretrained": args.pretrained, "--lora": args.lora}, overwrite=True)
+    refuse_overwrite(
+        args.output, "--output", {"--pretrained": args.pretrained, "--lora": args.lora}, overwrite=args.overwrite
+    )
     if Path(args.output).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise UserError(f"--output {args.output!r} must end in .png, .jpg or .webp (the grid is an image).")
     if args.num_threads is not None:

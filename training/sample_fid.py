@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,17 +25,19 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from diffusers_repae import RepaEPipeline
-from diffusers_repae.cli import UserError, refuse_overwrite, run_cli
+from diffusers_repae.cli import UserError, foreign_entries, refuse_overwrite, remove_ours, run_cli
 from diffusers_repae.evaluation.sampling import (
     LABEL_SAMPLING,
     RUN_CONFIG_NAME,
     check_run_config,
     collect_npz,
+    config_matches,
     missing_indices,
     run_sampling,
     sample_labels,
 )
 from diffusers_repae.recipes import resolve_recipe
+from diffusers_repae.run_lock import LOCK_NAME, check_not_locked, folder_lock
 from diffusers_repae.schedulers import SAMPLERS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -83,7 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="Empty a non-empty --output_dir that holds no sampling run first (a run of the same model resumes).",
+        help="Start over where a previous sampling run of other settings is (its images, .npz and config are "
+        "removed; a run of the same settings resumes), and replace an existing --npz_path. A folder holding "
+        "anything a sampling run does not write is refused.",
     )
     return parser.parse_args(argv)
 
@@ -109,29 +112,73 @@ def weights_fingerprint(pretrained: str) -> str:
     return digest.hexdigest()
 
 
-def check_output_dir(args: argparse.Namespace) -> None:
-    """A non-empty --output_dir must hold a sampling run (which then resumes) unless --overwrite empties it."""
+def ours_in(output: Path):
+    """What a sampling run writes in its --output_dir, as a test of an entry: images/NNNNNN.png (and the hidden
+    temporary files of its atomic writes), samples_*.npz, sampling_config.json and the lock."""
+
+    def is_ours(entry: Path) -> bool:
+        parts = entry.relative_to(output).parts
+        if parts[0] == "images":
+            return entry.is_dir() if len(parts) == 1 else (len(parts) == 2 and entry.suffix == ".png")
+        return len(parts) == 1 and (
+            entry.name in (RUN_CONFIG_NAME, LOCK_NAME) or (entry.name.startswith("samples_") and ".npz" in entry.name)
+        )
+
+    return is_ours
+
+
+def check_output_dir(args: argparse.Namespace) -> bool:
+    """Checks every path before anything is written; returns True when --overwrite must empty --output_dir of a
+    previous sampling run (done only once the model has loaded: nothing is deleted for a command that fails)."""
     output = Path(args.output_dir)
-    refuse_overwrite(output, "--output_dir", {"--pretrained": args.pretrained}, overwrite=True)
+    if not output.is_dir() or not any(output.iterdir()):
+        return False
+    if args.overwrite:
+        foreign = foreign_entries(output, ours_in(output))
+        if foreign:
+            raise UserError(
+                f"--output_dir {str(output)!r} holds {str(foreign[0].relative_to(output))!r}, which no sampling run "
+                "wrote: --overwrite removes only a previous run's own files. Move it, or choose another folder."
+            )
+        return not (output / RUN_CONFIG_NAME).is_file()  # a run of other settings is replaced at check_run_config
+    if not (output / RUN_CONFIG_NAME).is_file():
+        raise UserError(
+            f"--output_dir {str(output)!r} is not empty and holds no sampling run: choose another folder, or pass "
+            "--overwrite to replace what a previous sampling run left there."
+        )
+    return False
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Every path and number, before the output folder is touched."""
+    if not args.output_dir.strip():
+        raise UserError("--output_dir must be a path, got '' (an empty path means the current folder).")
+    refuse_overwrite(args.output_dir, "--output_dir", {"--pretrained": args.pretrained}, overwrite=True)
+    try:  # a missing --pretrained fails here, before anything is written or removed
+        resolve_recipe(args.pretrained)
+    except (ValueError, OSError) as error:
+        raise UserError(f"--pretrained: {error}") from None
     if args.npz_path:
-        refuse_overwrite(args.npz_path, "--npz_path", {"--pretrained": args.pretrained}, overwrite=True)
+        refuse_overwrite(args.npz_path, "--npz_path", {"--pretrained": args.pretrained}, overwrite=args.overwrite)
     if args.num_samples < 1 or args.batch_size < 1:
         raise UserError("--num_samples and --batch_size must be >= 1.")
-    if output.is_dir() and any(output.iterdir()) and not (output / RUN_CONFIG_NAME).is_file():
-        if not args.overwrite:
-            raise UserError(
-                f"--output_dir {str(output)!r} is not empty and holds no sampling run: choose another folder, or "
-                "pass --overwrite to empty it."
-            )
-        shutil.rmtree(output)
+    if args.num_classes is not None and args.num_classes < 1:
+        raise UserError(f"--num_classes must be >= 1, got {args.num_classes}.")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     state = PartialState(cpu=args.cpu)
     if state.is_main_process:
-        check_output_dir(args)
+        check_paths(args)
+        check_not_locked(args.output_dir)
+        start_over = check_output_dir(args)
     state.wait_for_everyone()
+    with folder_lock(args.output_dir, enabled=state.is_main_process):  # one sampling run per folder
+        sample(args, state, start_over if state.is_main_process else False)
+
+
+def sample(args: argparse.Namespace, state: PartialState, start_over: bool) -> None:
     pipe = load_pipeline(args.pretrained, DTYPES[args.model_dtype]).to(state.device)
     pipe.set_progress_bar_config(disable=True)
     num_classes = args.num_classes or pipe.transformer.config.num_classes
@@ -160,6 +207,10 @@ def main(argv: list[str] | None = None) -> None:
         "weights_sha256": weights_fingerprint(args.pretrained) if state.is_main_process else None,
     }
     if state.is_main_process:
+        if args.overwrite and not start_over:
+            start_over = not config_matches(args.output_dir, run_config)  # another run's samples: replaced
+        if start_over:
+            remove_ours(args.output_dir, "--output_dir", ours_in(Path(args.output_dir)), keep=(LOCK_NAME,))
         check_run_config(args.output_dir, run_config)
     state.wait_for_everyone()
     todo = missing_indices(args.output_dir, args.num_samples)  # every process reads this before anyone writes

@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> Path:
     models.ema = ModelEMA(ema_target(accelerator, models), decay=ema_decay, warmup=fine_tuning)
     run_settings = RunSettings(
         recipe=str(args.pretrained_model_name_or_path or args.recipe), resolution=args.resolution,
-        num_classes=len(id2label), lora_rank=args.lora_rank,
+        num_classes=len(id2label), lora_rank=args.lora_rank, path_type=args.path_type,
     )  # fmt: skip
     dataloader, generators, history = prepare_run_state(
         accelerator, run, data, dataloader, run_settings, ema=models.ema

@@ -12,16 +12,24 @@ traceback. ``REPAE_TRACEBACK=1`` shows the traceback of user errors too.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import math
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from .errors import UserError
+from .run_lock import release_all
 
-__all__ = ["UserError", "check_written", "refuse_overwrite", "replacing_folder", "run_cli", "user_error_message"]
+__all__ = [
+    "UserError", "check_written", "finite_float", "foreign_entries", "non_empty_path", "non_negative_float",
+    "non_negative_int", "positive_float", "positive_int", "refuse_overwrite", "remove_ours", "replacing_folder",
+    "run_cli", "unit_interval", "user_error_message",
+]  # fmt: skip
 
 OFFLINE_HINT = (
     " Offline (HF_HUB_OFFLINE=1) only local folders load: pass a local path (for vision encoders "
@@ -57,8 +65,16 @@ def user_error_message(error: BaseException) -> str | None:
     return None
 
 
+def _argparse_error(self, message: str):
+    """argparse's errors as user errors (one line, no usage block): ``argument --x: msg`` -> ``--x msg``."""
+    raise UserError(re.sub(r"^argument (\S+?)(/\S+)?: ", r"\1 ", message))
+
+
 def run_cli(main: Callable[..., object], argv: list[str] | None = None) -> None:
-    """Runs ``main(argv)`` (``main()`` when argv is None); user errors -> ``error: ...`` and exit 2."""
+    """Runs ``main(argv)`` (``main()`` when argv is None); user errors -> ``error: ...`` and exit 2. Folder locks
+    (`diffusers_repae.run_lock`) the command still holds are released when it ends."""
+    original_error = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = _argparse_error
     try:
         result = main() if argv is None else main(argv)
     except KeyboardInterrupt:
@@ -70,6 +86,9 @@ def run_cli(main: Callable[..., object], argv: list[str] | None = None) -> None:
             raise
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        argparse.ArgumentParser.error = original_error
+        release_all()
     if isinstance(result, int) and not isinstance(result, bool):
         raise SystemExit(result)
 
@@ -119,3 +138,101 @@ def check_written(folder: str | Path, names: list[str]) -> None:
     missing = [name for name in names if not (Path(folder) / name).is_file()]
     if missing:
         raise RuntimeError(f"nothing usable was written to {str(folder)!r}: {', '.join(missing)} missing.")
+
+
+# ------------------------------------------------------------------ argparse types: values checked where they enter
+
+
+def _number(kind, text: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        wanted = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type=``: an integer >= 1."""
+    value = _number(int, text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse ``type=``: an integer >= 0."""
+    value = _number(int, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse ``type=``: any finite number (no nan, no inf)."""
+    return _number(float, text)
+
+
+def positive_float(text: str) -> float:
+    """argparse ``type=``: a finite number > 0."""
+    value = _number(float, text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse ``type=``: a finite number >= 0."""
+    value = _number(float, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """argparse ``type=``: a number in (0, 1] (a momentum, a fraction)."""
+    value = _number(float, text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def non_empty_path(text: str) -> str:
+    """argparse ``type=``: a path that is not empty or blank (``''`` would mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must be a path, got {text!r} (an empty path means the current folder)")
+    return text
+
+
+# ------------------------------------------------------------------ --overwrite removes only what a run of ours wrote
+
+
+def foreign_entries(folder: str | Path, is_ours: Callable[[Path], bool]) -> list[Path]:
+    """The entries of ``folder`` (recursively inside folders of ours) that ``is_ours`` does not claim, sorted."""
+    foreign = []
+    root = Path(folder)
+    for entry in sorted(root.iterdir()) if root.is_dir() else []:
+        if not is_ours(entry):
+            foreign.append(entry)
+        elif entry.is_dir() and not entry.is_symlink():
+            foreign += foreign_entries(entry, is_ours)
+    return foreign
+
+
+def remove_ours(folder: str | Path, flag: str, is_ours: Callable[[Path], bool], keep: tuple[str, ...] = ()) -> None:
+    """``--overwrite``: removes what a run of ours wrote in ``folder``, after checking every path first; a folder
+    holding anything else is refused (naming the first foreign entry) and nothing is deleted. Names in ``keep``
+    (e.g. the lock) stay."""
+    root = Path(folder)
+    foreign = foreign_entries(root, is_ours)
+    if foreign:
+        raise UserError(
+            f"{flag} {str(folder)!r} holds {str(foreign[0].relative_to(root))!r}, which no run of ours wrote: "
+            "--overwrite removes only a previous run's own files. Move it, or choose another folder."
+        )
+    for entry in sorted(root.iterdir()) if root.is_dir() else []:
+        if entry.name in keep:
+            continue
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()

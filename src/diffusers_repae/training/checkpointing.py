@@ -29,6 +29,7 @@ import torch
 from accelerate import Accelerator
 
 from ..errors import UserError
+from ..run_lock import LOCK_NAME
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
@@ -71,25 +72,63 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: st
     return path
 
 
-# What a finished training run leaves in its --output_dir besides checkpoints.
+# What a finished training run leaves in its --output_dir besides checkpoints (and its --logging_dir).
 RUN_OUTPUTS = (
     "model_index.json", "transformer", "vae", "scheduler", "projector", "discriminator", "lora", "README.md",
     "loss_curves.png", "validation",
 )  # fmt: skip
+LEFTOVER_PATTERN = re.compile(r"^\.checkpoint-\d+\.(tmp|old)$")  # an interrupted save
 
 
-def check_output_dir(output_dir: str | Path, resume_from_checkpoint: str | None, overwrite: bool) -> list[Path]:
+def _sort_entries(root: Path, logging_dir: str) -> tuple[list[Path], list[Path], bool]:
+    """``(ours, foreign, holds_run)``: the entries of ``root`` a training run of ours wrote and the others.
+
+    Run outputs count as ours only beside evidence of a run (a checkpoint, or an export other than README.md): a
+    user's own README.md in an otherwise empty folder is the user's.
+    """
+    entries = sorted(root.iterdir()) if root.is_dir() else []
+    logs = Path(logging_dir).parts[0] if logging_dir and not Path(logging_dir).is_absolute() else None
+    names = set(RUN_OUTPUTS) | ({logs} if logs else set())
+    holds_run = bool(list_checkpoints(root)) or any(p.name in RUN_OUTPUTS and p.name != "README.md" for p in entries)
+    ours, foreign = [], []
+    for entry in entries:
+        if entry.name == LOCK_NAME or LEFTOVER_PATTERN.match(entry.name):
+            continue  # the lock, and leftovers `remove_incomplete_checkpoints` removes
+        checkpoint = entry.is_dir() and CHECKPOINT_PATTERN.match(entry.name)
+        (ours if checkpoint or (holds_run and entry.name in names) else foreign).append(entry)
+    return ours, foreign, holds_run
+
+
+def check_output_dir(
+    output_dir: str | Path, resume_from_checkpoint: str | None, overwrite: bool, logging_dir: str = "logs"
+) -> list[Path]:
     """Refuses to train into a folder holding a run (checkpoints or an exported pipeline) unless resuming or
-    ``--overwrite``; returns what ``--overwrite`` must remove (`remove_previous_run`)."""
+    ``--overwrite``, and into a folder whose own files a run would write over; returns what ``--overwrite`` must
+    remove (`remove_previous_run`). ``--overwrite`` removes only what a run of ours wrote: a folder holding anything
+    else is refused, naming it, before anything is deleted."""
     root = Path(output_dir)
+    if not str(output_dir).strip():
+        raise UserError("--output_dir must be a path, got '' (an empty path means the current folder).")
     if overwrite and resume_from_checkpoint:
         raise UserError("--overwrite starts over and --resume_from_checkpoint continues: pass only one of them.")
     if root.exists() and not root.is_dir():
         raise UserError(f"--output_dir {str(output_dir)!r} is a file, not a folder.")
     if resume_from_checkpoint:
         resolve_resume_checkpoint(resume_from_checkpoint, root)  # a bad name fails now, not after model loading
-    previous = list_checkpoints(root) + [root / name for name in RUN_OUTPUTS if (root / name).exists()]
-    if not previous or resume_from_checkpoint:
+        return []
+    previous, foreign, _ = _sort_entries(root, logging_dir)
+    if overwrite and foreign:
+        raise UserError(
+            f"--output_dir {str(output_dir)!r} holds {foreign[0].name!r}, which no training run of ours wrote: "
+            "--overwrite removes only a previous run's own files. Move it, or choose another folder."
+        )
+    clash = [p.name for p in foreign if p.name in RUN_OUTPUTS]
+    if clash:
+        raise UserError(
+            f"--output_dir {str(output_dir)!r} holds {clash[0]!r}, which no training run of ours wrote and this run "
+            "would write over: move it, or choose another folder."
+        )
+    if not previous:
         return []
     if not overwrite:
         names = ", ".join(p.name for p in previous[:4]) + (", ..." if len(previous) > 4 else "")
@@ -103,7 +142,7 @@ def check_output_dir(output_dir: str | Path, resume_from_checkpoint: str | None,
 def remove_previous_run(output_dir: str | Path, previous: list[Path]) -> None:
     """Deletes the checkpoints and exported files `check_output_dir` found (main process only)."""
     for path in previous:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def save_checkpoint(

@@ -21,6 +21,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..run_lock import FolderLock, check_not_locked, release_folder
 from .checkpointing import (
     LossHistory,
     PerProcessState,
@@ -107,7 +108,8 @@ def autocast_dtype(accelerator: Accelerator) -> torch.dtype | None:
 
 
 def setup_accelerator(run: RunConfig) -> Accelerator:
-    """The Accelerator of a training run (seedable sampler for exact resume), logging, TF32, seed, output folder."""
+    """The Accelerator of a training run (seedable sampler for exact resume), logging, TF32, seed, output folder
+    (checked, locked by the main process for the whole run: `diffusers_repae.run_lock`)."""
     output_dir = Path(run.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=run.gradient_accumulation_steps,
@@ -130,8 +132,17 @@ def setup_accelerator(run: RunConfig) -> Accelerator:
     tf32 = configure_tf32(run.allow_tf32)
     logger.info(f"TF32 matmuls/convolutions: {'on' if tf32 else 'off'}")
     set_seed(run.seed)  # identical on every process: same init and the same (sharded) data order
-    previous = check_output_dir(output_dir, run.resume_from_checkpoint, run.overwrite)  # on every process
+    check_not_locked(output_dir)  # a run in progress is reported as such, before anything else about the folder
+    check_output_dir(output_dir, run.resume_from_checkpoint, run.overwrite, run.logging_dir)  # on every process
+    resume = resolve_resume_checkpoint(run.resume_from_checkpoint, output_dir)
+    if resume is not None and checkpoint_step(resume) > run.max_train_steps:
+        raise UserError(
+            f"--max_train_steps {run.max_train_steps} is below the step of the checkpoint to resume "
+            f"({checkpoint_step(resume)}, {str(resume)!r}): pass --max_train_steps >= {checkpoint_step(resume)}."
+        )
     if accelerator.is_main_process:
+        FolderLock(output_dir).acquire()  # one run per folder; released by finish_run (or the OS, if it dies)
+        previous = check_output_dir(output_dir, run.resume_from_checkpoint, run.overwrite, run.logging_dir)
         remove_previous_run(output_dir, previous)
         remove_incomplete_checkpoints(output_dir)  # the folder itself is made by the first write: a run refused
         # later (bad data, flags) leaves no empty --output_dir behind
@@ -220,6 +231,7 @@ def finish_run(accelerator: Accelerator, run: RunConfig, history: LossHistory, e
         logger.info(f"{message} (loss curves: {output_dir / 'loss_curves.png'})")
         if run.push_to_hub:
             push_output_to_hub(output_dir, run.hub_model_id, run.hub_token, run.logging_dir)
+        release_folder(output_dir)
     accelerator.end_training()
     return output_dir
 
