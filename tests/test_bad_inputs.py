@@ -292,6 +292,42 @@ CLI_CASES += [
     ),
 ]
 
+# Round 3 (issue 25). Silent: every value is checked where it enters (shared argparse types), naming the flag.
+NEW = [*TRAIN, "--output_dir", "{ws}/new"]
+CLI_CASES += [
+    ("train_repae", [*NEW, "--max_grad_norm", "0"], "--max_grad_norm must be > 0, got 0.0"),
+    ("train_repae", [*NEW, "--max_grad_norm", "-1"], "--max_grad_norm must be > 0, got -1.0"),
+    ("train_repae", [*NEW, "--bn_momentum", "5"], "--bn_momentum must be in (0, 1], got 5.0"),
+    ("train_repae", [*NEW, "--encoder_depth", "0"], "--encoder_depth must be >= 1, got 0"),
+    ("train_repae", [*NEW, "--projector_dim", "0"], "--projector_dim must be >= 1, got 0"),
+    ("train_repae", [*NEW, "--validation_steps", "-1"], "--validation_steps must be >= 0, got -1"),
+    ("train_repae", [*NEW, "--max_train_minutes", "nan"], "--max_train_minutes must be a finite number"),
+    ("train_repae", [*NEW, "--l1_weight", "nan"], "--l1_weight must be a finite number"),
+    ("train_repae", [*NEW, "--disc_ndf", "0"], "--disc_ndf must be >= 1, got 0"),
+    ("train_repae", [*NEW, "--seed", "-1"], "--seed must be in [0, 2**32 - 1], got -1"),
+    ("train_repae", [*TRAIN, "--output_dir", ""], "--output_dir must be a path, got ''"),
+    (
+        "train_repae",
+        [*TRAIN, "--output_dir", "{ws}/run", "--resume_from_checkpoint", "latest", "--max_train_steps", "1"],
+        "--max_train_steps 1 is below the step of the checkpoint",
+    ),
+    ("train_ldm", [*LDM, "--output_dir", "{ws}/new", "--lora_alpha", "-1"], "--lora_alpha must be > 0, got -1.0"),
+    ("train_vae", [*NEW, "--vae_learning_rate", "-1"], "--vae_learning_rate must be > 0, got -1.0"),
+    ("compute_latent_stats", ["--vae", "{ws}/vae", "--max_images", "0"], "--max_images must be >= 1, got 0"),
+    ("compute_latent_stats", ["--vae", "{ws}/vae", "--max_images", "-1"], "--max_images must be >= 1, got -1"),
+    ("compute_latent_stats", ["--vae", "{ws}/vae", "--tolerance", "nan"], "--tolerance must be a finite number"),
+    ("cache_latents", ["--vae", "{ws}/vae", "--output_dir", "{ws}/new", "--max_images", "0"], "--max_images must be"),
+    (
+        "sample_fid",
+        ["--pretrained", "tiny-cpu", "--output_dir", "{ws}/new", "--num_classes", "0", "--cpu"],
+        "--num_classes must be >= 1, got 0",
+    ),
+    ("sample_fid", ["--pretrained", "tiny-cpu", "--output_dir", "", "--cpu"], "--output_dir must be a path"),
+    ("sample", ["--pretrained", "tiny-cpu", "--class_labels", "0", "--num_threads", "0"], "--num_threads must be"),
+]
+# Clear but wrong: the message names the flag (it was torch's "Invalid learning rate: -1.0").
+CLI_CASES += [("train_repae", [*NEW, "--learning_rate", "-1"], "--learning_rate must be > 0, got -1.0")]
+
 if importlib.util.find_spec("wandb") is None:  # the tracker the flag names is not installed
     CLI_CASES.append(("train_repae", [*TRAIN, "--output_dir", "{ws}/new", "--report_to", "wandb"], "--report_to"))
 

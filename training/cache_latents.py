@@ -36,7 +36,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
-from diffusers_repae.cli import UserError, refuse_overwrite, run_cli
+from diffusers_repae.cli import UserError, non_empty_path, positive_int, refuse_overwrite, run_cli, seed_int
 from diffusers_repae.training.latent_cache import (
     CacheInfo,
     load_vae,
@@ -57,10 +57,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         required=True,
         help="A diffusers AutoencoderKL folder, a pipeline folder with vae/, or a recipe name (random weights).",
     )
-    parser.add_argument("--output_dir", type=str, required=True, help="Folder for the shards and cache_info.json.")
+    parser.add_argument(
+        "--output_dir", type=non_empty_path, required=True, help="Folder for the shards and cache_info.json."
+    )
     add_data_args(parser)
-    parser.add_argument("--batch_size", type=int, default=64, help="Images per VAE forward pass (per process).")
-    parser.add_argument("--shard_size", type=int, default=10_000, help="Dataset images per shard file.")
+    parser.add_argument(
+        "--batch_size", type=positive_int, default=64, help="Images per VAE forward pass (per process)."
+    )
+    parser.add_argument("--shard_size", type=positive_int, default=10_000, help="Dataset images per shard file.")
     parser.add_argument(
         "--flip_copies", action="store_true", help="Also store each image's horizontally flipped copy."
     )
@@ -71,14 +75,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["float32", "float16"],
         help="Dtype of the stored mean/std (float16 halves the disk space).",
     )
-    parser.add_argument("--max_images", type=int, default=None, help="Only cache the first N dataset images.")
+    parser.add_argument("--max_images", type=positive_int, default=None, help="Only cache the first N dataset images.")
     parser.add_argument(
         "--num_workers",
         type=int,
         default=0,
         help="DataLoader worker processes per process (with --streaming: decoding threads per process).",
     )
-    parser.add_argument("--seed", type=int, default=0, help="Seed for a recipe VAE's random weights.")
+    parser.add_argument("--seed", type=seed_int, default=0, help="Seed for a recipe VAE's random weights.")
     parser.add_argument(
         "--overwrite",
         action="store_true",

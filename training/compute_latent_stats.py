@@ -24,7 +24,16 @@ import argparse
 import torch
 from tqdm.auto import tqdm
 
-from diffusers_repae.cli import UserError, refuse_overwrite, run_cli
+from diffusers_repae.cli import (
+    UserError,
+    non_empty_path,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    refuse_overwrite,
+    run_cli,
+    seed_int,
+)
 from diffusers_repae.training.data import build_dataloader, real_images
 from diffusers_repae.training.latent_cache import load_vae
 from diffusers_repae.training.latent_stats import (
@@ -47,17 +56,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="A diffusers AutoencoderKL folder, a pipeline folder with vae/, or a recipe name (random weights).",
     )
     add_data_args(parser)
-    parser.add_argument("--batch_size", type=int, default=32, help="Images per VAE forward pass.")
-    parser.add_argument("--max_images", type=int, default=None, help="Stop after this many images (default: all).")
+    parser.add_argument("--batch_size", type=positive_int, default=32, help="Images per VAE forward pass.")
+    parser.add_argument(
+        "--max_images", type=positive_int, default=None, help="Stop after this many images (default: all)."
+    )
     parser.add_argument(
         "--use", type=str, default="sample", choices=["sample", "mean"], help="Posterior samples or means."
     )
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the data order and the posterior noise.")
-    parser.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes.")
+    parser.add_argument("--seed", type=seed_int, default=0, help="Seed of the data order and the posterior noise.")
+    parser.add_argument("--num_workers", type=non_negative_int, default=0, help="DataLoader worker processes.")
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu", help="Device.")
-    parser.add_argument("--plot", type=str, default="latent_stats.png", help="Where to save the comparison plot.")
     parser.add_argument(
-        "--tolerance", type=float, default=0.1, help="Summary distance under which the config statistics are kept."
+        "--plot", type=non_empty_path, default="latent_stats.png", help="Where to save the comparison plot."
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=non_negative_float,
+        default=0.1,
+        help="Summary distance under which the config statistics are kept.",
     )
     parser.add_argument(
         "--write", type=str, default=None, help="Save a copy of the VAE with the measured statistics to this folder."

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffusers_repae.cli import UserError, refuse_overwrite, run_cli
+from diffusers_repae.cli import UserError, positive_int, refuse_overwrite, run_cli
 from diffusers_repae.evaluation import save_npz
 from diffusers_repae.training.data import real_images
 from diffusers_repae.training_args import add_data_args, training_data_from_args
@@ -28,8 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(parser)
     parser.add_argument("--split", default="train", help="Dataset split (e.g. 'validation').")
-    parser.add_argument("--num_images", type=int, default=None, help="Keep only the first N images.")
-    parser.add_argument("--batch_size", type=int, default=64, help="Images per loader batch.")
+    parser.add_argument("--num_images", type=positive_int, default=None, help="Keep only the first N images.")
+    parser.add_argument("--batch_size", type=positive_int, default=64, help="Images per loader batch.")
     parser.add_argument("--output", required=True, help="Path of the .npz to write.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output file.")
     return parser.parse_args(argv)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
-from diffusers_repae.cli import UserError, refuse_overwrite, run_cli
+from diffusers_repae.cli import UserError, positive_int, refuse_overwrite, run_cli
 from diffusers_repae.evaluation import (
     FEATURE_EXTRACTORS,
     build_feature_extractor,
@@ -42,8 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", default=None, help="Evaluate these images (.npz or folder) instead of a dataset.")
     add_data_args(parser)
     parser.add_argument("--split", default="train", help="Dataset split to evaluate (e.g. 'validation').")
-    parser.add_argument("--num_images", type=int, default=None, help="Evaluate only the first N images.")
-    parser.add_argument("--batch_size", type=int, default=16, help="Images per batch.")
+    parser.add_argument("--num_images", type=positive_int, default=None, help="Evaluate only the first N images.")
+    parser.add_argument("--batch_size", type=positive_int, default=16, help="Images per batch.")
     parser.add_argument(
         "--feature_extractor",
         default="inception-v3",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from diffusers_repae.cli import UserError, refuse_overwrite, run_cli
+from diffusers_repae.cli import UserError, positive_int, refuse_overwrite, run_cli
 from diffusers_repae.evaluation import (
     FEATURE_EXTRACTORS,
     build_feature_extractor,
@@ -48,9 +48,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--allow_download", action="store_true", help="Download the Inception weights if they are not found."
     )
-    parser.add_argument("--batch_size", type=int, default=64, help="Images per feature-extraction batch.")
-    parser.add_argument("--max_images", type=int, default=None, help="Use only the first N images of each set.")
-    parser.add_argument("--k", type=int, default=3, help="Neighbourhood size of the precision/recall manifolds.")
+    parser.add_argument("--batch_size", type=positive_int, default=64, help="Images per feature-extraction batch.")
+    parser.add_argument(
+        "--max_images", type=positive_int, default=None, help="Use only the first N images of each set."
+    )
+    parser.add_argument(
+        "--k", type=positive_int, default=3, help="Neighbourhood size of the precision/recall manifolds."
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device.")
     parser.add_argument(
         "--save_reference_features",

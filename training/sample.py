@@ -14,7 +14,7 @@ import torch
 from diffusers.utils import make_image_grid
 
 from diffusers_repae import RepaEPipeline
-from diffusers_repae.cli import UserError, refuse_overwrite, run_cli
+from diffusers_repae.cli import UserError, finite_float, positive_int, refuse_overwrite, run_cli, seed_int
 from diffusers_repae.recipes import resolve_recipe
 from diffusers_repae.schedulers import SAMPLERS
 
@@ -31,13 +31,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--class_labels", nargs="+", required=True, help="Class ids or names (e.g. 207 'golden retriever')."
     )
     parser.add_argument(
-        "--num_inference_steps", type=int, default=None, help="Sampler steps (default: the model card's)."
+        "--num_inference_steps", type=positive_int, default=None, help="Sampler steps (default: the model card's)."
     )
     parser.add_argument(
         "--sampler", choices=sorted(SAMPLERS), default=None, help="Sampler (default: the pipeline's scheduler)."
     )
     parser.add_argument(
-        "--guidance_scale", type=float, default=None, help="Classifier-free guidance; <= 1 disables it."
+        "--guidance_scale", type=finite_float, default=None, help="Classifier-free guidance; <= 1 disables it."
     )
     parser.add_argument(
         "--guidance_interval",
@@ -47,12 +47,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar=("LOW", "HIGH"),
         help="Apply guidance only for LOW <= t <= HIGH (default: the model card's).",
     )
-    parser.add_argument("--num_images_per_label", type=int, default=1, help="Images per class label.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the generator (initial noise and SDE noise).")
+    parser.add_argument("--num_images_per_label", type=positive_int, default=1, help="Images per class label.")
+    parser.add_argument(
+        "--seed", type=seed_int, default=0, help="Seed of the generator (initial noise and SDE noise)."
+    )
     parser.add_argument("--float64", action="store_true", help="Run the sampler state in float64, like the original.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device.")
     parser.add_argument(
-        "--num_threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 suits tiny models)."
+        "--num_threads",
+        type=positive_int,
+        default=None,
+        help="torch CPU threads (default: torch's; 1 suits tiny models).",
     )
     parser.add_argument("--output", default="grid.png", help="Where to write the image grid (PNG).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output file.")

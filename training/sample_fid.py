@@ -25,7 +25,17 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from diffusers_repae import RepaEPipeline
-from diffusers_repae.cli import UserError, foreign_entries, refuse_overwrite, remove_ours, run_cli
+from diffusers_repae.cli import (
+    UserError,
+    finite_float,
+    foreign_entries,
+    non_empty_path,
+    positive_int,
+    refuse_overwrite,
+    remove_ours,
+    run_cli,
+    seed_int,
+)
 from diffusers_repae.evaluation.sampling import (
     LABEL_SAMPLING,
     RUN_CONFIG_NAME,
@@ -50,18 +60,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         required=True,
         help="RepaEPipeline.save_pretrained folder, or a recipe name/folder (RANDOM weights: a smoke test only).",
     )
-    parser.add_argument("--output_dir", required=True, help="Folder for images/, the .npz and sampling_config.json.")
-    parser.add_argument("--num_samples", type=int, default=50000, help="Total number of samples (ADM: 50000).")
+    parser.add_argument(
+        "--output_dir",
+        type=non_empty_path,
+        required=True,
+        help="Folder for images/, the .npz and sampling_config.json.",
+    )
+    parser.add_argument(
+        "--num_samples", type=positive_int, default=50000, help="Total number of samples (ADM: 50000)."
+    )
     parser.add_argument(
         "--label_sampling",
         choices=LABEL_SAMPLING,
         default="balanced",
         help="balanced: label = index %% num_classes (50 per class for 50k on ImageNet); random: uniform labels.",
     )
-    parser.add_argument("--num_classes", type=int, default=None, help="Classes to sample (default: the model's).")
+    parser.add_argument(
+        "--num_classes", type=positive_int, default=None, help="Classes to sample (default: the model's)."
+    )
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="Sampler (default: pipeline's).")
-    parser.add_argument("--num_inference_steps", type=int, default=None, help="Sampler steps (default: model card).")
-    parser.add_argument("--guidance_scale", type=float, default=None, help="CFG scale; <= 1 disables guidance.")
+    parser.add_argument(
+        "--num_inference_steps", type=positive_int, default=None, help="Sampler steps (default: model card)."
+    )
+    parser.add_argument("--guidance_scale", type=finite_float, default=None, help="CFG scale; <= 1 disables guidance.")
     parser.add_argument(
         "--guidance_interval",
         type=float,
@@ -70,8 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar=("LOW", "HIGH"),
         help="Apply guidance only for LOW <= t <= HIGH (default: the model card's).",
     )
-    parser.add_argument("--seed", type=int, default=0, help="Run seed; sample i uses a generator from (seed, i).")
-    parser.add_argument("--batch_size", type=int, default=32, help="Images per forward pass per process.")
+    parser.add_argument("--seed", type=seed_int, default=0, help="Run seed; sample i uses a generator from (seed, i).")
+    parser.add_argument("--batch_size", type=positive_int, default=32, help="Images per forward pass per process.")
     parser.add_argument("--float64", action="store_true", help="Sampler state in float64, like the original.")
     parser.add_argument(
         "--model_dtype", choices=sorted(DTYPES), default="float32", help="dtype of the transformer and VAE weights."

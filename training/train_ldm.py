@@ -36,6 +36,7 @@ from diffusers import AutoencoderKL
 
 from diffusers_repae import LatentBatchNorm, RepaEPipeline, REPAProjector, SiTTransformer2DModel, build_component
 from diffusers_repae import training_args as flags
+from diffusers_repae.cli import positive_float
 from diffusers_repae.recipes import load_component_config
 from diffusers_repae.schedulers import scheduler_for_path_type
 from diffusers_repae.training.builders import enable_gradient_checkpointing, latent_size
@@ -95,7 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     lora.add_argument(
         "--lora_rank", type=int, default=0, help="LoRA rank; 0 (default) trains every SiT weight (full fine-tune)."
     )
-    lora.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank, scale 1).")
+    lora.add_argument(
+        "--lora_alpha", type=positive_float, default=None, help="LoRA alpha (default: the rank, scale 1)."
+    )
     lora.add_argument(
         "--lora_target_modules",
         type=str,

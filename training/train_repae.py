@@ -22,7 +22,7 @@ from accelerate.logging import get_logger
 
 from diffusers_repae import LatentBatchNorm, RepaEPipeline, build_component, load_component_config
 from diffusers_repae import training_args as flags
-from diffusers_repae.cli import UserError
+from diffusers_repae.cli import UserError, non_negative_float, unit_interval
 from diffusers_repae.schedulers import scheduler_for_path_type
 from diffusers_repae.training.builders import (
     build_vae_loss,
@@ -108,9 +108,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         + ". Without --vae the recipe's VAE starts from RANDOM weights (a loud warning says so).",
     )
     parser.add_argument(
-        "--vae_align_proj_coeff", type=float, default=1.5, help="Alignment weight in the VAE loss (end-to-end)."
+        "--vae_align_proj_coeff",
+        type=non_negative_float,
+        default=1.5,
+        help="Alignment weight in the VAE loss (end-to-end).",
     )
-    parser.add_argument("--bn_momentum", type=float, default=0.1, help="Momentum of the latent BatchNorm.")
+    parser.add_argument("--bn_momentum", type=unit_interval, default=0.1, help="Momentum of the latent BatchNorm.")
     flags.add_vae_loss_args(parser)
     flags.add_sit_training_args(parser, tracker_project_name="train_repae")
     flags.add_data_args(parser)

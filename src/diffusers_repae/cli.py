@@ -28,7 +28,7 @@ from .run_lock import release_all
 __all__ = [
     "UserError", "check_written", "finite_float", "foreign_entries", "non_empty_path", "non_negative_float",
     "non_negative_int", "positive_float", "positive_int", "refuse_overwrite", "remove_ours", "replacing_folder",
-    "run_cli", "unit_interval", "user_error_message",
+    "run_cli", "seed_int", "unit_interval", "user_error_message",
 ]  # fmt: skip
 
 OFFLINE_HINT = (
@@ -196,6 +196,14 @@ def unit_interval(text: str) -> float:
     value = _number(float, text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """argparse ``type=``: a seed numpy and torch both accept, in [0, 2**32 - 1]."""
+    value = _number(int, text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32 - 1], got {value}")
     return value
 
 

@@ -12,6 +12,15 @@ import importlib.util
 
 from diffusers.optimization import SchedulerType
 
+from .cli import (
+    finite_float,
+    non_empty_path,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    seed_int,
+)
 from .training.data import DEFAULT_SHUFFLE_BUFFER, TrainingData, load_training_dataset
 from .training.loop import RunConfig
 from .training.losses import LPIPS_INPUT_RANGES, PATH_TYPES, WEIGHTINGS
@@ -44,8 +53,10 @@ def add_run_args(parser: argparse.ArgumentParser, tracker_project_name: str) -> 
     Returns the ``(optimisation, logging)`` argument groups so a script can add its own flags to them.
     """
     opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--output_dir", type=str, default="repae-output", help="Checkpoints, logs and the pipeline.")
-    opt.add_argument("--seed", type=int, default=0, help="Seed (model init, data order; +rank for step noise).")
+    opt.add_argument(
+        "--output_dir", type=non_empty_path, default="repae-output", help="Checkpoints, logs and the pipeline."
+    )
+    opt.add_argument("--seed", type=seed_int, default=0, help="Seed (model init, data order; +rank for step noise).")
     opt.add_argument(
         "--train_batch_size",
         type=int,
@@ -57,17 +68,19 @@ def add_run_args(parser: argparse.ArgumentParser, tracker_project_name: str) -> 
     opt.add_argument("--max_train_steps", type=int, default=400_000, help="Optimizer steps to train for.")
     opt.add_argument(
         "--max_train_minutes",
-        type=float,
+        type=positive_float,
         default=None,
         help="Also stop (checkpoint and export) once training has run this many minutes: for demos on slow "
         "hardware. Off by default.",
     )
     opt.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
-    opt.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1 (every optimiser).")
-    opt.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2 (every optimiser).")
-    opt.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay (every optimiser).")
-    opt.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon (every optimiser).")
-    opt.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (each model).")
+    opt.add_argument("--adam_beta1", type=finite_float, default=0.9, help="AdamW beta1 (every optimiser).")
+    opt.add_argument("--adam_beta2", type=finite_float, default=0.999, help="AdamW beta2 (every optimiser).")
+    opt.add_argument(
+        "--adam_weight_decay", type=non_negative_float, default=0.0, help="AdamW weight decay (every optimiser)."
+    )
+    opt.add_argument("--adam_epsilon", type=positive_float, default=1e-8, help="AdamW epsilon (every optimiser).")
+    opt.add_argument("--max_grad_norm", type=positive_float, default=1.0, help="Gradient clipping norm (each model).")
     opt.add_argument(
         "--lr_scheduler",
         type=str,
@@ -140,11 +153,11 @@ def add_run_args(parser: argparse.ArgumentParser, tracker_project_name: str) -> 
         choices=["tensorboard", "wandb", "none"],
         help="Experiment tracker.",
     )
-    log.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder inside --output_dir.")
+    log.add_argument("--logging_dir", type=non_empty_path, default="logs", help="Tracker folder inside --output_dir.")
     log.add_argument("--tracker_project_name", type=str, default=tracker_project_name, help="Tracker project name.")
     log.add_argument(
         "--validation_steps",
-        type=int,
+        type=non_negative_int,
         default=10_000,
         help="Write validation images (samples of the EMA model; train_vae.py: reconstructions) every N steps.",
     )
@@ -207,15 +220,18 @@ def add_sit_training_args(parser: argparse.ArgumentParser, tracker_project_name:
     )
     enc.add_argument(
         "--encoder_depth",
-        type=int,
+        type=positive_int,
         default=None,
         help="SiT block (1-based) whose tokens are aligned. Default: the recipe's projector config (8 for XL).",
     )
     enc.add_argument(
-        "--projector_dim", type=int, default=None, help="Hidden width of the projector MLP (default: recipe, 2048)."
+        "--projector_dim",
+        type=positive_int,
+        default=None,
+        help="Hidden width of the projector MLP (default: recipe, 2048).",
     )
-    enc.add_argument("--proj_coeff", type=float, default=0.5, help="Alignment weight in the SiT loss.")
-    enc.add_argument("--cfg_prob", type=float, default=0.1, help="Probability of dropping a label to null.")
+    enc.add_argument("--proj_coeff", type=non_negative_float, default=0.5, help="Alignment weight in the SiT loss.")
+    enc.add_argument("--cfg_prob", type=finite_float, default=0.1, help="Probability of dropping a label to null.")
     enc.add_argument("--path_type", type=str, default="linear", choices=PATH_TYPES, help="Interpolant path.")
     enc.add_argument("--prediction", type=str, default="v", choices=["v"], help="Prediction target (v only).")
     enc.add_argument(
@@ -223,17 +239,23 @@ def add_sit_training_args(parser: argparse.ArgumentParser, tracker_project_name:
     )
 
     opt, log = add_run_args(parser, tracker_project_name)
-    opt.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate of the SiT.")
-    opt.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay of the SiT and BN statistics.")
+    opt.add_argument("--learning_rate", type=positive_float, default=1e-4, help="AdamW learning rate of the SiT.")
+    opt.add_argument("--ema_decay", type=finite_float, default=0.9999, help="EMA decay of the SiT and BN statistics.")
     opt.add_argument("--compile", action="store_true", help="torch.compile the SiT.")
     log.add_argument(
-        "--num_validation_classes", type=int, default=16, help="Classes in the validation grid (one image each)."
+        "--num_validation_classes",
+        type=positive_int,
+        default=16,
+        help="Classes in the validation grid (one image each).",
     )
     log.add_argument(
-        "--validation_inference_steps", type=int, default=None, help="Sampler steps (default: the recipe's)."
+        "--validation_inference_steps", type=positive_int, default=None, help="Sampler steps (default: the recipe's)."
     )
     log.add_argument(
-        "--validation_guidance_scale", type=float, default=None, help="CFG scale for validation (default: recipe)."
+        "--validation_guidance_scale",
+        type=finite_float,
+        default=None,
+        help="CFG scale for validation (default: recipe).",
     )
     return parser
 
@@ -250,10 +272,12 @@ def check_sit_training_args(args: argparse.Namespace) -> None:
 def add_vae_loss_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags of the VAE's losses and discriminator (train_repae.py and train_vae.py); defaults are REPA-E's."""
     group = parser.add_argument_group("VAE losses and discriminator")
-    group.add_argument("--l1_weight", type=float, default=1.0, help="Weight of the L1 reconstruction loss.")
+    group.add_argument(
+        "--l1_weight", type=non_negative_float, default=1.0, help="Weight of the L1 reconstruction loss."
+    )
     group.add_argument(
         "--lpips_weight",
-        type=float,
+        type=non_negative_float,
         default=1.0,
         help="Weight of the LPIPS (VGG) perceptual loss; 0 drops it (needs no VGG weights).",
     )
@@ -276,10 +300,16 @@ def add_vae_loss_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         help="'correct' (default): LPIPS sees images in [-1, 1], the range it expects. 'original': as REPA-E, whose "
         "LPIPS maps its [-1, 1] input by x * 2 - 1 again (VGG sees [-3, 1]): the published VAEs' exact objective.",
     )
-    group.add_argument("--kl_weight", type=float, default=1e-6, help="Weight of the KL term.")
-    group.add_argument("--disc_weight", type=float, default=0.1, help="Weight of the generator's GAN term.")
-    group.add_argument("--disc_start", type=int, default=0, help="Step from which the GAN terms are active.")
-    group.add_argument("--disc_factor", type=float, default=1.0, help="Factor on the GAN terms once active.")
+    group.add_argument("--kl_weight", type=non_negative_float, default=1e-6, help="Weight of the KL term.")
+    group.add_argument(
+        "--disc_weight", type=non_negative_float, default=0.1, help="Weight of the generator's GAN term."
+    )
+    group.add_argument(
+        "--disc_start", type=non_negative_int, default=0, help="Step from which the GAN terms are active."
+    )
+    group.add_argument(
+        "--disc_factor", type=non_negative_float, default=1.0, help="Factor on the GAN terms once active."
+    )
     group.add_argument(
         "--adaptive_disc_weight",
         action="store_true",
@@ -292,11 +322,15 @@ def add_vae_loss_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         default=None,
         help="Starting discriminator: a PatchGANDiscriminator folder (save_pretrained) or a .safetensors file.",
     )
-    group.add_argument("--disc_ndf", type=int, default=64, help="Channels of the discriminator's first conv.")
-    group.add_argument("--disc_layers", type=int, default=3, help="Strided blocks of the PatchGAN discriminator.")
-    group.add_argument("--vae_learning_rate", type=float, default=1e-4, help="AdamW learning rate of the VAE.")
+    group.add_argument("--disc_ndf", type=positive_int, default=64, help="Channels of the discriminator's first conv.")
     group.add_argument(
-        "--disc_learning_rate", type=float, default=1e-4, help="AdamW learning rate of the discriminator."
+        "--disc_layers", type=positive_int, default=3, help="Strided blocks of the PatchGAN discriminator."
+    )
+    group.add_argument(
+        "--vae_learning_rate", type=positive_float, default=1e-4, help="AdamW learning rate of the VAE."
+    )
+    group.add_argument(
+        "--disc_learning_rate", type=positive_float, default=1e-4, help="AdamW learning rate of the discriminator."
     )
     return parser
 
@@ -355,7 +389,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--shuffle_buffer_size",
-        type=int,
+        type=positive_int,
         default=DEFAULT_SHUFFLE_BUFFER,
         help="With --streaming: rows per shuffle window (each window is read whole, then yielded in a seeded order; "
         "a resume re-reads at most one window). Memory: this many encoded images per process.",
@@ -364,7 +398,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--label_column", type=str, default="label", help="Column holding integer class labels.")
     group.add_argument(
         "--resolution",
-        type=int,
+        type=positive_int,
         default=256,
         help="Training resolution (ADM centre crop). ImageNet: 256 or 512. Own data: any multiple of 16 "
         "(the tiny CPU demo uses 64).",

@@ -132,7 +132,8 @@ def setup_accelerator(run: RunConfig) -> Accelerator:
     tf32 = configure_tf32(run.allow_tf32)
     logger.info(f"TF32 matmuls/convolutions: {'on' if tf32 else 'off'}")
     set_seed(run.seed)  # identical on every process: same init and the same (sharded) data order
-    check_not_locked(output_dir)  # a run in progress is reported as such, before anything else about the folder
+    if accelerator.is_main_process:  # a run in progress is reported as such, before anything else about the folder
+        check_not_locked(output_dir)
     check_output_dir(output_dir, run.resume_from_checkpoint, run.overwrite, run.logging_dir)  # on every process
     resume = resolve_resume_checkpoint(run.resume_from_checkpoint, output_dir)
     if resume is not None and checkpoint_step(resume) > run.max_train_steps:
