@@ -302,7 +302,7 @@ CLI_CASES += [
     ("train_repae", [*NEW, "--projector_dim", "0"], "--projector_dim must be >= 1, got 0"),
     ("train_repae", [*NEW, "--validation_steps", "-1"], "--validation_steps must be >= 0, got -1"),
     ("train_repae", [*NEW, "--max_train_minutes", "nan"], "--max_train_minutes must be a finite number"),
-    ("train_repae", [*NEW, "--l1_weight", "nan"], "--l1_weight must be a finite number"),
+    ("train_repae", [*NEW, "--l1_weight", "nan"], "--l1_weight must be a number, got 'nan'"),
     ("train_repae", [*NEW, "--disc_ndf", "0"], "--disc_ndf must be >= 1, got 0"),
     ("train_repae", [*NEW, "--seed", "-1"], "--seed must be in [0, 2**32 - 1], got -1"),
     ("train_repae", [*TRAIN, "--output_dir", ""], "--output_dir must be a path, got ''"),

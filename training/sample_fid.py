@@ -228,8 +228,11 @@ def sample(args: argparse.Namespace, state: PartialState, start_over: bool) -> N
         "weights_sha256": weights_fingerprint(args.pretrained) if state.is_main_process else None,
     }
     if state.is_main_process:
-        if args.overwrite and not start_over:
-            start_over = not config_matches(args.output_dir, run_config)  # another run's samples: replaced
+        if not config_matches(args.output_dir, run_config):
+            if not any((Path(args.output_dir) / "images").glob("*.png")):  # a failed run that made no sample: it
+                (Path(args.output_dir) / RUN_CONFIG_NAME).unlink()  # blocks no corrected command
+            elif args.overwrite:
+                start_over = True  # another run's samples: replaced
         if start_over:
             remove_ours(args.output_dir, "--output_dir", ours_in(Path(args.output_dir)), keep=(LOCK_NAME,))
         check_run_config(args.output_dir, run_config)

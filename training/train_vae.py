@@ -28,7 +28,7 @@ import torch
 from accelerate.logging import get_logger
 
 from diffusers_repae import training_args as flags
-from diffusers_repae.cli import finite_float, non_negative_int, positive_int, run_cli
+from diffusers_repae.cli import run_cli
 from diffusers_repae.training.builders import (
     build_vae_loss,
     enable_gradient_checkpointing,
@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     decoder.add_argument(
         "--decoder_latent_noise",
-        type=finite_float,
+        type=float,
         default=0.0,
         help="With --freeze_encoder: decode latents plus Gaussian noise of up to this times each channel's "
         "latents_std (per image, uniformly drawn), so that the decoder also decodes a diffusion model's imperfect "
@@ -95,13 +95,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     opt, log = flags.add_run_args(parser, tracker_project_name="train_vae")
     log.add_argument(
         "--num_validation_images",
-        type=positive_int,
+        type=int,
         default=8,
         help="Images in the real | reconstruction validation grid.",
     )
     log.add_argument(
         "--latent_stats_images",
-        type=non_negative_int,
+        type=int,
         default=10_000,
         help="Training images whose latents give the exported latents_mean/latents_std (0: all of them).",
     )

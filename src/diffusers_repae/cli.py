@@ -27,8 +27,8 @@ from .run_lock import release_all
 
 __all__ = [
     "UserError", "check_written", "finite_float", "foreign_entries", "non_empty_path", "non_negative_float",
-    "non_negative_int", "positive_float", "positive_int", "refuse_overwrite", "remove_ours", "replacing_folder",
-    "run_cli", "seed_int", "unit_interval", "user_error_message",
+    "non_negative_int", "not_nan_float", "positive_float", "positive_int", "refuse_overwrite", "remove_ours",
+    "replacing_folder", "run_cli", "seed_int", "unit_interval", "user_error_message",
 ]  # fmt: skip
 
 OFFLINE_HINT = (
@@ -173,6 +173,18 @@ def non_negative_int(text: str) -> int:
 def finite_float(text: str) -> float:
     """argparse ``type=``: any finite number (no nan, no inf)."""
     return _number(float, text)
+
+
+def not_nan_float(text: str) -> float:
+    """argparse ``type=``: a number that is not NaN (inf passes: e.g. a loss weight of inf makes the loss non-finite,
+    which stops a run with its own message; the script's range checks follow)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}")
+    return value
 
 
 def positive_float(text: str) -> float:

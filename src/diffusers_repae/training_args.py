@@ -17,6 +17,7 @@ from .cli import (
     non_empty_path,
     non_negative_float,
     non_negative_int,
+    not_nan_float,
     positive_float,
     positive_int,
     seed_int,
@@ -272,12 +273,10 @@ def check_sit_training_args(args: argparse.Namespace) -> None:
 def add_vae_loss_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags of the VAE's losses and discriminator (train_repae.py and train_vae.py); defaults are REPA-E's."""
     group = parser.add_argument_group("VAE losses and discriminator")
-    group.add_argument(
-        "--l1_weight", type=non_negative_float, default=1.0, help="Weight of the L1 reconstruction loss."
-    )
+    group.add_argument("--l1_weight", type=not_nan_float, default=1.0, help="Weight of the L1 reconstruction loss.")
     group.add_argument(
         "--lpips_weight",
-        type=non_negative_float,
+        type=not_nan_float,
         default=1.0,
         help="Weight of the LPIPS (VGG) perceptual loss; 0 drops it (needs no VGG weights).",
     )
@@ -300,16 +299,12 @@ def add_vae_loss_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         help="'correct' (default): LPIPS sees images in [-1, 1], the range it expects. 'original': as REPA-E, whose "
         "LPIPS maps its [-1, 1] input by x * 2 - 1 again (VGG sees [-3, 1]): the published VAEs' exact objective.",
     )
-    group.add_argument("--kl_weight", type=non_negative_float, default=1e-6, help="Weight of the KL term.")
-    group.add_argument(
-        "--disc_weight", type=non_negative_float, default=0.1, help="Weight of the generator's GAN term."
-    )
+    group.add_argument("--kl_weight", type=not_nan_float, default=1e-6, help="Weight of the KL term.")
+    group.add_argument("--disc_weight", type=not_nan_float, default=0.1, help="Weight of the generator's GAN term.")
     group.add_argument(
         "--disc_start", type=non_negative_int, default=0, help="Step from which the GAN terms are active."
     )
-    group.add_argument(
-        "--disc_factor", type=non_negative_float, default=1.0, help="Factor on the GAN terms once active."
-    )
+    group.add_argument("--disc_factor", type=not_nan_float, default=1.0, help="Factor on the GAN terms once active.")
     group.add_argument(
         "--adaptive_disc_weight",
         action="store_true",

@@ -87,16 +87,11 @@ def config_matches(output_dir: str | Path, config: dict) -> bool:
 
 
 def check_run_config(output_dir: str | Path, config: dict) -> None:
-    """Record the run's settings; refuse to resume a folder that was sampled with different settings. A recorded
-    run that made no sample yet (it failed before its first image) is simply replaced: it blocks no corrected
-    command."""
+    """Record the run's settings; refuse to resume a folder that was sampled with different settings."""
     path = Path(output_dir) / RUN_CONFIG_NAME
     if path.is_file():
         previous = json.loads(path.read_text())
         changed = {k: (previous.get(k), v) for k, v in config.items() if previous.get(k) != v}
-        if changed and not any((Path(output_dir) / "images").glob("*.png")):
-            changed = {}
-            path.write_text(json.dumps(config, indent=2) + "\n")
         if changed:
             raise ValueError(
                 f"{output_dir} holds samples made with other settings (previous, now): {changed}; "
