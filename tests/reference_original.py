@@ -1,8 +1,9 @@
 """Independent minimal re-implementation of the ORIGINAL REPA-E modules, written from SPEC sections 2, 4 and 8.
 
-Used by tests/test_conversion.py to build checkpoints in the original layout (original parameter names and
-module structure) and to compute reference outputs. Deliberately written the way the original code is laid out
-(nn.Sequential indices, LDM Encoder/Decoder levels, 1x1-conv attention), not derived from the key mappings.
+Used by tests/conversion/test_conversion_original_checkpoints.py (and tests/models/test_models_sit.py) to build
+checkpoints in the original layout (original parameter names and module structure) and to compute reference outputs.
+Deliberately written the way the original code is laid out (nn.Sequential indices, LDM Encoder/Decoder levels, 1x1-conv
+attention), not derived from the key mappings.
 """
 
 from __future__ import annotations

@@ -406,8 +406,8 @@ def test_save_and_load_round_trip(pipe, tmp_path):
         loaded([1, 2], generator=torch.Generator().manual_seed(0), **kwargs).images, expected, rtol=0, atol=0
     )
 
-    # Plain diffusers finds the code saved beside the weights, and asks before running it (tests/test_remote_code.py
-    # loads it without diffusers_repae installed).
+    # Plain diffusers finds the code saved beside the weights, and asks before running it
+    # (tests/pipelines/test_pipeline_remote_code.py loads it without diffusers_repae installed).
     with pytest.raises(ValueError, match="trust_remote_code=True"):
         DiffusionPipeline.from_pretrained(tmp_path)
     generic = DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True)
@@ -447,7 +447,7 @@ def test_sample_cli_on_the_tiny_recipe(tmp_path):
 
     from PIL import Image
 
-    script = Path(__file__).resolve().parents[1] / "training" / "sample.py"
+    script = Path(__file__).resolve().parents[2] / "training" / "sample.py"
     spec = importlib.util.spec_from_file_location("sample_cli", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -17,7 +17,7 @@ from diffusers_repae.models.discriminator import PatchGANDiscriminator
 from diffusers_repae.training.losses import VAEReconstructionLoss
 from tiny_setup import write_tiny_setup
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAINING = REPO / "training"
 
 

@@ -13,7 +13,7 @@ from accelerate.state import AcceleratorState, GradientState
 from diffusers_repae.training import builders, loop
 from diffusers_repae.training_args import run_config, vae_loss_options
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "training"
+SCRIPTS = Path(__file__).resolve().parents[2] / "training"
 
 
 def _train_repae():
@@ -61,7 +61,7 @@ def test_mixed_precision_comes_from_accelerate_unless_the_flag_is_given(tmp_path
 
 
 def test_documented_recipe_commands_keep_the_originals_fp16():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     start = readme.index("# ImageNet, SiT-XL/2 + SD-VAE, 8 GPUs")
     command = readme[start : readme.index("\n# ", start + 1)]
     assert "--mixed_precision fp16" in command
@@ -94,7 +94,7 @@ def test_tf32_on_by_default_on_ampere(monkeypatch, cuda, capability, flags, expe
 
 
 def test_lpips_input_range_flag_reaches_the_loss():
-    """Item 6: --lpips_input_range {correct, original}, default correct (the numbers: test_losses.py)."""
+    """Item 6: --lpips_input_range {correct, original}, default correct (the numbers: test_training_losses.py)."""
     device = torch.device("cpu")
     assert builders.build_vae_loss(device, **vae_loss_options(_parse())).lpips_input_range == "correct"
     original = vae_loss_options(_parse("--lpips_input_range", "original"))

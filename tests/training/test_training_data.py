@@ -177,7 +177,7 @@ def test_accelerate_config_files_parse():
 
     from accelerate.commands.config.config_args import load_config_from_file
 
-    folder = Path(__file__).resolve().parents[1] / "training" / "configs"
+    folder = Path(__file__).resolve().parents[2] / "training" / "configs"
     configs = {path.stem: load_config_from_file(str(path)) for path in folder.glob("*.yaml")}
     assert {"single_gpu", "cpu", "multi_gpu_8x_bf16", "multi_node_2x8", "fsdp_8x_bf16"} <= set(configs)
     assert configs["multi_gpu_8x_bf16"].num_processes == 8 and configs["multi_gpu_8x_bf16"].mixed_precision == "bf16"

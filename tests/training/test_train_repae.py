@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
@@ -30,8 +29,9 @@ from diffusers_repae.training.repae_step import (
     vae_alignment_pass,
 )
 from tiny_setup import write_tiny_setup
+from training_helpers import reset_accelerate
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "training" / "train_repae.py"
 
 
@@ -47,11 +47,6 @@ class TinyEncoder(torch.nn.Module):
 
     def forward(self, images):
         return self.conv(images.float() / 255).flatten(2).transpose(1, 2)
-
-
-def _reset_accelerate():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def _models(accelerator, ema_decay=0.5):
@@ -119,7 +114,7 @@ def _cos_loss(z, z_tilde):
 
 
 def test_one_step_stop_gradients_and_losses():
-    _reset_accelerate()
+    reset_accelerate()
     accelerator = Accelerator(cpu=True)
     models = _models(accelerator)
     hp = RepaEHyperParameters(encoder_depth=1, cfg_prob=0.5)
@@ -178,7 +173,7 @@ def test_one_step_stop_gradients_and_losses():
 
 
 def test_train_step_updates_ema_with_bn_buffers():
-    _reset_accelerate()
+    reset_accelerate()
     accelerator = Accelerator(cpu=True)
     models = _models(accelerator, ema_decay=0.5)
     before = {k: v.clone() for k, v in models.ema.model.state_dict().items()}
@@ -218,7 +213,7 @@ def _run(argv):
         import train_repae
     finally:
         sys.path.pop(0)
-    _reset_accelerate()
+    reset_accelerate()
     return train_repae.main(argv)
 
 
@@ -349,7 +344,7 @@ def test_checkpoint_saving_is_crash_safe_and_rotates(tmp_path):
         save_checkpoint,
     )
 
-    _reset_accelerate()
+    reset_accelerate()
     accelerator = Accelerator(cpu=True)
     model = accelerator.prepare(torch.nn.Linear(2, 2))
     save_checkpoint(accelerator, tmp_path, 1)

@@ -26,7 +26,7 @@ from diffusers_repae import (
     SiTTransformer2DModel,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CODE = "diffusers_repae.py"
 
 

@@ -22,7 +22,7 @@ from diffusers_repae.evaluation.sampling import (
 )
 from diffusers_repae.recipes import build_component
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NUM_SAMPLES = 7
 
 

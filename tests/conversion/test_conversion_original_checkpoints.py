@@ -35,7 +35,7 @@ from diffusers_repae.pipelines import RepaEPipeline
 from diffusers_repae.recipes import load_component_config
 from reference_original import OriginalAutoencoderKL, OriginalSiT, sample_images
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_script(name: str):

@@ -10,7 +10,7 @@ from PIL import Image
 
 from tiny_setup import write_tiny_setup
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _load_ablation():

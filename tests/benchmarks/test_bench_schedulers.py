@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def test_quick_run(tmp_path):

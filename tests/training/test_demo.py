@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "training"))
 
 import demo  # noqa: E402
-from test_train_repae import _reset_accelerate  # noqa: E402
+from training_helpers import reset_accelerate  # noqa: E402
 
 
 def _image_folder(root: Path) -> Path:
@@ -44,7 +44,7 @@ def demo_run(tmp_path_factory):
         "--decoder_steps", "2", "--decoder_gan_start", "1", "--train_batch_size", "4", "--num_eval_samples", "10",
         "--num_inference_steps", "2",
     ]  # fmt: skip
-    _reset_accelerate()  # a test module run before this one may have left accelerate's global state set up
+    reset_accelerate()  # a test module run before this one may have left accelerate's global state set up
     with pytest.MonkeyPatch.context() as patch:  # the stages' and the scores' caches stay inside the test
         patch.setenv("DIFFUSERS_REPAE_CACHE", str(root / "cache"))
         metrics = demo.main(argv)
@@ -182,7 +182,7 @@ def test_demo_streams_a_hub_dataset(tmp_path, monkeypatch):
         "--stage2_steps", "2", "--decoder_steps", "0", "--train_batch_size", "4", "--num_eval_samples", "10",
         "--num_inference_steps", "2",
     ]  # fmt: skip
-    _reset_accelerate()
+    reset_accelerate()
     metrics = demo.main(argv)
     assert metrics["num_reference_images"] == 12 and len(metrics["stage_minutes"]) == 2  # no latent cache
     assert not (out / "latents").exists()

@@ -1,6 +1,6 @@
-"""Run by tests/test_packaging.py with the interpreter of a clean environment holding the built wheel and the core
-dependencies only. Argument: a JSON object with ``recipes`` (the names git holds in pipelines/) and ``work`` (a
-scratch folder). Exits non-zero on the first failed check."""
+"""Run by tests/wheel/test_wheel_packaging.py with the interpreter of a clean environment holding the built wheel and
+the core dependencies only. Argument: a JSON object with ``recipes`` (the names git holds in pipelines/) and ``work``
+(a scratch folder). Exits non-zero on the first failed check."""
 
 import json
 import sys

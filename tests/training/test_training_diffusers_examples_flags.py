@@ -22,7 +22,7 @@ from diffusers_repae.training.model_card import PIPELINE_TAGS, save_model_card
 from diffusers_repae.training.optim import linear_decay_factor, make_adamw, make_lr_schedulers
 from diffusers_repae.training_args import adamw_options, add_run_args, check_run_args, run_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_args(*argv: str) -> argparse.Namespace:

@@ -18,7 +18,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BUILD_INPUTS = ("setup.py", "setup.cfg", "pyproject.toml", "README.md", "src", "pipelines")
 CORE = {"torch", "diffusers", "transformers", "safetensors", "huggingface-hub", "numpy", "pillow"}
 
@@ -110,7 +110,7 @@ def test_wheel_in_a_clean_environment_samples_and_round_trips(wheel, tmp_path):
     subprocess.run([*install, str(wheel)], check=True, capture_output=True, text=True)
 
     smoke = tmp_path / "wheel_smoke.py"  # run from outside the tree: the tests folder is not on sys.path either
-    shutil.copy2(ROOT / "tests" / "wheel_smoke.py", smoke)
+    shutil.copy2(Path(__file__).with_name("wheel_smoke.py"), smoke)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env |= {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
     args = json.dumps({"recipes": git_recipes(), "work": str(tmp_path / "work")})

@@ -19,7 +19,7 @@ from diffusers_repae.training.latent_cache import load_latent_cache
 from diffusers_repae.training.ldm_step import CachedLatentsWithImages, ldm_train_step
 from diffusers_repae.training.repae_step import RepaEHyperParameters, RepaEModels
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_script(name: str):

@@ -22,7 +22,7 @@ from diffusers_repae.training.latent_stats import (
     dataset_latent_stats,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _script(name: str):
