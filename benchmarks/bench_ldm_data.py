@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from common import Table, measure, suite_main
+from common import Table, add_ldm_data_args, measure, suite_main
 from diffusers_repae import build_component, build_vae
 from diffusers_repae.training.encoders import load_vision_encoders
 from diffusers_repae.training.ldm_step import batch_latents
@@ -69,9 +69,5 @@ def run(args: argparse.Namespace, device: torch.device) -> list[Table]:
     return [table]
 
 
-def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    return parser
-
-
 if __name__ == "__main__":
-    suite_main(__doc__, add_args, run)
+    suite_main(__doc__, add_ldm_data_args, run)

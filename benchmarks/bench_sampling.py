@@ -11,12 +11,13 @@ import argparse
 
 import torch
 
-from bench_sit import randomize_zero_init
 from common import (
     Table,
+    add_sampling_args,
     max_abs_diff,
     measure,
     measure_pair,
+    randomize_zero_init,
     speedup,
     suite_main,
 )
@@ -234,11 +235,5 @@ def run(args: argparse.Namespace, device: torch.device) -> list[Table]:
     return [sampling_table(args, device, pipe, counter), optimisation_table(args, device, pipe)]
 
 
-def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--steps", type=int, default=10, help="Sampler steps N (Heun uses 2N - 1 evaluations).")
-    parser.add_argument("--sample_batch_size", type=int, default=4, help="Images per pipeline call.")
-    return parser
-
-
 if __name__ == "__main__":
-    suite_main(__doc__, add_args, run)
+    suite_main(__doc__, add_sampling_args, run)

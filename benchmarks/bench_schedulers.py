@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import Table, suite_main
+from common import Table, randomize_zero_init, suite_main
 from diffusers_repae.evaluation.features import EfficientNetLite0FeatureExtractor, extract_features
 from diffusers_repae.evaluation.generation import features_of, metric_names
 from diffusers_repae.evaluation.metrics import frechet_distance_from_features
@@ -60,8 +60,6 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def load_pipeline(args: argparse.Namespace, device: torch.device) -> RepaEPipeline:
     if args.quick:
-        from bench_sit import randomize_zero_init
-
         pipe = RepaEPipeline.from_recipe("tiny-cpu")
         randomize_zero_init(pipe.transformer, seed=args.seed)
     elif args.pipeline is None:

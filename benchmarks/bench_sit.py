@@ -7,7 +7,6 @@ and the model-level optimisations (SDPA vs naive attention, conditioning once vs
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import time
 import types
@@ -16,44 +15,26 @@ import torch
 import torch.nn.functional as F
 
 from common import (
+    CONFIGS,
     Table,
-    count_flops,
+    add_sit_args,
+    build_sit,
     device_peak_flops,
+    make_forward,
+    make_train_step,
     max_abs_diff,
     measure,
     measure_pair,
+    meta_flops,
     peak_memory,
     speedup,
     suite_main,
 )
-from diffusers_repae import build_component
 from diffusers_repae.models.transformer_sit import SiTAttention, modulate
 
-CONFIGS = {"tiny": "tiny-cpu", "B": "sit-b-2-sdvae", "XL": "sit-xl-2-sdvae"}
 # Batch per config: CPU batches keep SiT-XL/2 fwd+bwd under ~6 GB; CUDA batches are training-sized.
 CPU_BATCH = {"tiny": 8, "B": 1, "XL": 1}
 CUDA_BATCH = {"tiny": 256, "B": 64, "XL": 32}
-
-
-def randomize_zero_init(model: torch.nn.Module, std: float = 0.02, seed: int = 0) -> torch.nn.Module:
-    """Give the adaLN-Zero / output layers random weights: at init they are zero and the output is trivially 0,
-    which would hide any numerical difference between two implementations."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and not module.weight.any():
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
-                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * std)
-    return model
-
-
-def build_sit(config: str, device: torch.device, seed: int = 0):
-    """Random SiT + REPA projector of a recipe (non-trivial weights), on ``device``."""
-    torch.manual_seed(seed)
-    recipe = CONFIGS[config]
-    model = randomize_zero_init(build_component(recipe, "transformer"), seed=seed).to(device)
-    projector = build_component(recipe, "projector").to(device)
-    return model, projector
 
 
 def sit_inputs(model, batch: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -63,75 +44,6 @@ def sit_inputs(model, batch: int, device: torch.device, seed: int = 0) -> dict[s
     t = torch.rand(batch, generator=generator)
     y = torch.randint(0, cfg.num_classes, (batch,), generator=generator)
     return {"x": x.to(device), "t": t.to(device), "y": y.to(device)}
-
-
-def autocast(device: torch.device, precision: str):
-    if precision != "bf16":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def make_forward(model, inputs: dict, device: torch.device, precision: str):
-    """A no-grad velocity prediction (what one sampling step costs, without guidance)."""
-
-    def forward():
-        with torch.no_grad(), autocast(device, precision):
-            return model(inputs["x"], inputs["t"], inputs["y"]).sample
-
-    return forward
-
-
-def make_train_step(model, projector, inputs: dict, device: torch.device, precision: str, optimizer=None):
-    """Forward (with hidden states for REPA) + denoising and alignment loss + backward (+ optimiser step)."""
-    cfg = model.config
-    depth = projector.config.encoder_depth
-    tokens = (cfg.sample_size // cfg.patch_size) ** 2
-    generator = torch.Generator().manual_seed(1)
-    batch = inputs["x"].shape[0]
-    zs = [torch.randn(batch, tokens, z, generator=generator).to(device) for z in projector.config.z_dims]
-    target = torch.randn(inputs["x"].shape, generator=generator).to(device)
-
-    def step():
-        with autocast(device, precision):
-            out = model(inputs["x"], inputs["t"], inputs["y"], return_hidden_states_at=depth)
-            projected = projector(out.hidden_states)
-        denoise = (out.sample.float() - target).pow(2).mean()
-        proj = torch.stack(
-            [-(F.normalize(z, dim=-1) * F.normalize(p.float(), dim=-1)).sum(-1).mean() for z, p in zip(zs, projected)]
-        ).mean()
-        (denoise + 0.5 * proj).backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            for p in list(model.parameters()) + list(projector.parameters()):
-                p.grad = None
-
-    return step
-
-
-def meta_flops(config: str, batch: int) -> tuple[int, int]:
-    """FLOPs of (forward, train step) counted on a meta-device copy: exact shapes, no compute, no memory."""
-    meta = torch.device("meta")
-    with meta:
-        recipe = CONFIGS[config]
-        model = build_component(recipe, "transformer").train()
-        projector = build_component(recipe, "projector").train()
-        cfg = model.config
-        inputs = {
-            "x": torch.empty(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size),
-            "t": torch.empty(batch),
-            "y": torch.zeros(batch, dtype=torch.long),
-        }
-    forward = count_flops(make_forward(model, inputs, meta, "fp32"))
-    return forward, count_flops(make_train_step(model, projector, inputs, meta, "fp32"))
-
-
-def profile_call(fn, device: torch.device) -> tuple[int, float, str]:
-    """FLOPs and peak memory of one call (also serves as the warm-up)."""
-    holder = {}
-    mem, method = peak_memory(lambda: holder.setdefault("flops", count_flops(fn)), device)
-    return holder["flops"], mem, method
 
 
 def sit_speed_table(args, device: torch.device, precision: str) -> Table:
@@ -408,17 +320,5 @@ def run(args: argparse.Namespace, device: torch.device) -> list[Table]:
     return [sit_speed_table(args, device, precision), optimisation_table(args, device)]
 
 
-def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument(
-        "--bf16_train", action="store_true", help="Also time bf16 fwd+bwd on CPU (slow without bf16 hardware)."
-    )
-    parser.add_argument("--configs", default="tiny,B,XL", help="Comma-separated SiT configs from tiny, B, XL.")
-    parser.add_argument("--opt_config", default="B", choices=sorted(CONFIGS), help="SiT of the optimisation pairs.")
-    parser.add_argument(
-        "--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA, fp32 on CPU."
-    )
-    return parser
-
-
 if __name__ == "__main__":
-    suite_main(__doc__, add_args, run)
+    suite_main(__doc__, add_sit_args, run)

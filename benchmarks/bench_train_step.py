@@ -15,12 +15,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench_sit import build_sit, profile_call
 from common import (
     Table,
+    add_train_step_args,
+    build_sit,
     max_abs_diff,
     measure,
     measure_pair,
+    profile_call,
     speedup,
     suite_main,
     synchronize,
@@ -408,13 +410,5 @@ def run(args: argparse.Namespace, device: torch.device) -> list[Table]:
     return [phase_table(args, device), optimisation_table(args, device)]
 
 
-def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--train_batch_size", type=int, default=8, help="Images per tiny-recipe training step.")
-    parser.add_argument(
-        "--ema_config", default="B", choices=["tiny", "B", "XL"], help="SiT config of the EMA and AdamW rows."
-    )
-    return parser
-
-
 if __name__ == "__main__":
-    suite_main(__doc__, add_args, run)
+    suite_main(__doc__, add_train_step_args, run)

@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmark scripts: device choice, timing, peak memory, FLOP counting and result tables.
+"""Shared helpers of the benchmark scripts: device choice, timing, peak memory, FLOP counting, result tables, the
+random SiT models the suites time, and the flags of the suites run_all.py runs (no benchmark script imports another).
 
 Timings are medians over repeats after warm-up (CUDA is synchronised around every call). Peak memory on CUDA is
 ``torch.cuda.max_memory_allocated`` (tensors only); on CPU it is the peak *process RSS delta* sampled by a psutil
@@ -8,6 +9,7 @@ thread every millisecond (tracemalloc cannot see torch's allocations; RSS also c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
@@ -19,7 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+
+from diffusers_repae import build_component
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by a substring of the CUDA device name.
 CUDA_BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
@@ -310,3 +315,147 @@ def suite_main(description: str, add_args: Callable, run: Callable) -> None:
             write_json(args.json, tables, device, args)
 
     run_cli(main)
+
+
+# The SiT models and steps the suites share (bench_sit.py, bench_train_step.py, bench_sampling.py, estimate.py).
+
+CONFIGS = {"tiny": "tiny-cpu", "B": "sit-b-2-sdvae", "XL": "sit-xl-2-sdvae"}
+
+
+def randomize_zero_init(model: torch.nn.Module, std: float = 0.02, seed: int = 0) -> torch.nn.Module:
+    """Give the adaLN-Zero / output layers random weights: at init they are zero and the output is trivially 0,
+    which would hide any numerical difference between two implementations."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and not module.weight.any():
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * std)
+    return model
+
+
+def build_sit(config: str, device: torch.device, seed: int = 0):
+    """Random SiT + REPA projector of a recipe (non-trivial weights), on ``device``."""
+    torch.manual_seed(seed)
+    recipe = CONFIGS[config]
+    model = randomize_zero_init(build_component(recipe, "transformer"), seed=seed).to(device)
+    projector = build_component(recipe, "projector").to(device)
+    return model, projector
+
+
+def autocast(device: torch.device, precision: str):
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def make_forward(model, inputs: dict, device: torch.device, precision: str):
+    """A no-grad velocity prediction (what one sampling step costs, without guidance)."""
+
+    def forward():
+        with torch.no_grad(), autocast(device, precision):
+            return model(inputs["x"], inputs["t"], inputs["y"]).sample
+
+    return forward
+
+
+def make_train_step(model, projector, inputs: dict, device: torch.device, precision: str, optimizer=None):
+    """Forward (with hidden states for REPA) + denoising and alignment loss + backward (+ optimiser step)."""
+    cfg = model.config
+    depth = projector.config.encoder_depth
+    tokens = (cfg.sample_size // cfg.patch_size) ** 2
+    generator = torch.Generator().manual_seed(1)
+    batch = inputs["x"].shape[0]
+    zs = [torch.randn(batch, tokens, z, generator=generator).to(device) for z in projector.config.z_dims]
+    target = torch.randn(inputs["x"].shape, generator=generator).to(device)
+
+    def step():
+        with autocast(device, precision):
+            out = model(inputs["x"], inputs["t"], inputs["y"], return_hidden_states_at=depth)
+            projected = projector(out.hidden_states)
+        denoise = (out.sample.float() - target).pow(2).mean()
+        proj = torch.stack(
+            [-(F.normalize(z, dim=-1) * F.normalize(p.float(), dim=-1)).sum(-1).mean() for z, p in zip(zs, projected)]
+        ).mean()
+        (denoise + 0.5 * proj).backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            for p in list(model.parameters()) + list(projector.parameters()):
+                p.grad = None
+
+    return step
+
+
+def meta_flops(config: str, batch: int) -> tuple[int, int]:
+    """FLOPs of (forward, train step) counted on a meta-device copy: exact shapes, no compute, no memory."""
+    meta = torch.device("meta")
+    with meta:
+        recipe = CONFIGS[config]
+        model = build_component(recipe, "transformer").train()
+        projector = build_component(recipe, "projector").train()
+        cfg = model.config
+        inputs = {
+            "x": torch.empty(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size),
+            "t": torch.empty(batch),
+            "y": torch.zeros(batch, dtype=torch.long),
+        }
+    forward = count_flops(make_forward(model, inputs, meta, "fp32"))
+    return forward, count_flops(make_train_step(model, projector, inputs, meta, "fp32"))
+
+
+def profile_call(fn, device: torch.device) -> tuple[int, float, str]:
+    """FLOPs and peak memory of one call (also serves as the warm-up)."""
+    holder = {}
+    mem, method = peak_memory(lambda: holder.setdefault("flops", count_flops(fn)), device)
+    return holder["flops"], mem, method
+
+
+# The flags of the suites that run_all.py runs, here so that run_all.py builds one parser without importing the
+# scripts; each script takes its own with ``suite_main`` and run_all.py runs it as a subprocess.
+
+
+def add_sit_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument(
+        "--bf16_train", action="store_true", help="Also time bf16 fwd+bwd on CPU (slow without bf16 hardware)."
+    )
+    parser.add_argument("--configs", default="tiny,B,XL", help="Comma-separated SiT configs from tiny, B, XL.")
+    parser.add_argument("--opt_config", default="B", choices=sorted(CONFIGS), help="SiT of the optimisation pairs.")
+    parser.add_argument(
+        "--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA, fp32 on CPU."
+    )
+    return parser
+
+
+def add_train_step_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--train_batch_size", type=int, default=8, help="Images per tiny-recipe training step.")
+    parser.add_argument(
+        "--ema_config", default="B", choices=["tiny", "B", "XL"], help="SiT config of the EMA and AdamW rows."
+    )
+    return parser
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--steps", type=int, default=10, help="Sampler steps N (Heun uses 2N - 1 evaluations).")
+    parser.add_argument("--sample_batch_size", type=int, default=4, help="Images per pipeline call.")
+    return parser
+
+
+def add_ldm_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    return parser
+
+
+def add_estimate_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--mfu", default="0.35,0.40", help="Comma-separated assumed MFUs for the H100 estimate.")
+    return parser
+
+
+# run_all.py's suites: name -> (script in this folder, its own flags)
+SUITES = {
+    "sit": ("bench_sit.py", add_sit_args),
+    "train": ("bench_train_step.py", add_train_step_args),
+    "sampling": ("bench_sampling.py", add_sampling_args),
+    "ldm": ("bench_ldm_data.py", add_ldm_data_args),
+    "estimate": ("estimate.py", add_estimate_args),
+}

@@ -12,8 +12,7 @@ import argparse
 
 import torch
 
-from bench_sit import meta_flops
-from common import Table, count_flops, suite_main
+from common import Table, add_estimate_args, count_flops, meta_flops, suite_main
 from diffusers_repae import build_component
 from diffusers_repae.models.discriminator import PatchGANDiscriminator
 from diffusers_repae.models.vae import build_vae
@@ -115,10 +114,5 @@ def run(args: argparse.Namespace, device: torch.device) -> list[Table]:
     return [estimate_table([float(m) for m in args.mfu.split(",")])]
 
 
-def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--mfu", default="0.35,0.40", help="Comma-separated assumed MFUs for the H100 estimate.")
-    return parser
-
-
 if __name__ == "__main__":
-    suite_main(__doc__, add_args, run)
+    suite_main(__doc__, add_estimate_args, run)

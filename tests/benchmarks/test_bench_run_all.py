@@ -66,7 +66,11 @@ def test_tables_and_rows(quick_run):
         "attention op only [1, 3, 64, 64]",
         "conditioning",
     ]
-    from bench_train_step import PHASES
+    sys.path.insert(0, str(BENCHMARKS))  # run_all.py runs the suites as subprocesses: import the script here
+    try:
+        from bench_train_step import PHASES
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
     phases = [r["phase"] for r in tables["REPA-E train step by phase"].rows]
     assert phases == PHASES + ["total (sum of phase medians)", "library repae_step.train_step (whole)"]
