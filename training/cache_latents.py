@@ -46,17 +46,11 @@ from diffusers_repae.training.latent_cache import (
     write_shard,
 )
 from diffusers_repae.training.latent_stats import encode_posterior
-from diffusers_repae.training_args import add_data_args, training_data_from_args
+from diffusers_repae.training_args import add_data_args, training_data_from_args, vae_encoding_parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--vae",
-        type=str,
-        required=True,
-        help="A diffusers AutoencoderKL folder, a pipeline folder with vae/, or a recipe name (random weights).",
-    )
+    parser = vae_encoding_parser(__doc__)
     parser.add_argument(
         "--output_dir", type=non_empty_path, required=True, help="Folder for the shards and cache_info.json."
     )

@@ -44,17 +44,11 @@ from diffusers_repae.training.latent_stats import (
     plot_comparison,
     with_latent_stats,
 )
-from diffusers_repae.training_args import add_data_args, training_data_from_args
+from diffusers_repae.training_args import add_data_args, training_data_from_args, vae_encoding_parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--vae",
-        type=str,
-        required=True,
-        help="A diffusers AutoencoderKL folder, a pipeline folder with vae/, or a recipe name (random weights).",
-    )
+    parser = vae_encoding_parser(__doc__)
     add_data_args(parser)
     parser.add_argument("--batch_size", type=positive_int, default=32, help="Images per VAE forward pass.")
     parser.add_argument(

@@ -48,6 +48,19 @@ def add_vae_arg(group, help: str) -> None:
     group.add_argument("--vae", type=str, default=None, help=help)
 
 
+def vae_encoding_parser(description: str) -> argparse.ArgumentParser:
+    """The parser of a script that encodes a dataset with a VAE (cache_latents.py, compute_latent_stats.py): the
+    script's docstring kept as written, and the required ``--vae``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--vae",
+        type=str,
+        required=True,
+        help="A diffusers AutoencoderKL folder, a pipeline folder with vae/, or a recipe name (random weights).",
+    )
+    return parser
+
+
 def add_run_args(parser: argparse.ArgumentParser, tracker_project_name: str) -> tuple:
     """Flags every training script has (output, batch, steps, AdamW, precision, checkpoints, logging).
 
