@@ -10,6 +10,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 
+from diffusers_repae.run_lock import release_all
 from diffusers_repae.training import builders, loop
 from diffusers_repae.training_args import run_config, vae_loss_options
 
@@ -43,6 +44,7 @@ def _accelerator(args, monkeypatch, launched: str | None):
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+        release_all()  # each call stands for its own launch: its run lock ends with it
 
 
 def test_mixed_precision_comes_from_accelerate_unless_the_flag_is_given(tmp_path, monkeypatch, caplog):
