@@ -154,20 +154,23 @@ def _number(kind, text: str):
     return value
 
 
-def positive_int(text: str) -> int:
-    """argparse ``type=``: an integer >= 1."""
-    value = _number(int, text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _at_least(kind, bound, strict: bool, name: str, doc: str):
+    """An argparse ``type=`` function: a number of ``kind`` >= ``bound`` (> when ``strict``)."""
+
+    def parse(text: str):
+        value = _number(kind, text)
+        if value < bound or (strict and value == bound):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {bound}, got {value}")
+        return value
+
+    parse.__name__, parse.__doc__ = name, doc
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """argparse ``type=``: an integer >= 0."""
-    value = _number(int, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+positive_int = _at_least(int, 1, False, "positive_int", "argparse ``type=``: an integer >= 1.")
+non_negative_int = _at_least(int, 0, False, "non_negative_int", "argparse ``type=``: an integer >= 0.")
+positive_float = _at_least(float, 0, True, "positive_float", "argparse ``type=``: a finite number > 0.")
+non_negative_float = _at_least(float, 0, False, "non_negative_float", "argparse ``type=``: a finite number >= 0.")
 
 
 def finite_float(text: str) -> float:
@@ -184,22 +187,6 @@ def not_nan_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
     if math.isnan(value):
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse ``type=``: a finite number > 0."""
-    value = _number(float, text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """argparse ``type=``: a finite number >= 0."""
-    value = _number(float, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
