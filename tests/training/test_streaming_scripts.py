@@ -17,9 +17,9 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from datasets import load_dataset
 from diffusers import AutoencoderKL
-from hub_layout import write_hub_layout
 
 from diffusers_repae.training.data import load_training_dataset
+from hub_layout import write_hub_layout
 from tiny_setup import write_tiny_setup
 
 REPO = Path(__file__).resolve().parents[2]
@@ -262,9 +262,10 @@ def test_eval_vae_streamed_equals_downloaded_and_the_saved_images(hub, tmp_path,
     printed = capsys.readouterr().out
     assert printed.count("1 unreadable images left out") == 2
     assert set(metrics["images"]) == {"PSNR", "SSIM"}
-    for name in ("map", "streamed"):
+    for name in ("map", "streamed"):  # the same images; batches of 5 fall differently around the bad file, and
+        # the CPU's convolutions round differently per batch shape (seen with 2 threads: 8e-7 relative, SSIM 3e-7)
         for key, value in metrics["images"].items():
-            assert metrics[name][key] == pytest.approx(value, rel=1e-9), (name, key)
+            assert metrics[name][key] == pytest.approx(value, rel=1e-5, abs=1e-5), (name, key)
 
 
 @pytest.mark.parametrize("name", ["cache_latents", "compute_latent_stats", "dataset_to_npz"])
