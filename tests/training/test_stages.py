@@ -2,20 +2,17 @@
 continuing from a stage-1 output (train_ldm.py --pretrained_model_name_or_path STAGE1 --latents_dir ...)."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 from diffusers_repae import build_component
 from diffusers_repae.training.vae_step import VAEWithFrozenEncoder
 from tiny_setup import write_tiny_setup
+from training_helpers import training_script
 
-TRAINING = Path(__file__).resolve().parents[2] / "training"
 STATS = {"latents_mean": [0.1, -0.2, 0.0, 0.3], "latents_std": [0.5, 1.0, 1.5, 2.0]}
 
 
@@ -26,17 +23,6 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     build_component(str(root / "recipe"), "vae", **STATS).save_pretrained(root / "vae")
     return root
-
-
-def _script(name):
-    sys.path.insert(0, str(TRAINING))
-    try:
-        module = __import__(name)
-    finally:
-        sys.path.pop(0)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    return module
 
 
 def _common(setup, output_dir, steps):
@@ -75,7 +61,7 @@ def test_decoder_fine_tuning_keeps_the_latent_space(setup, tmp_path):
     out = tmp_path / "decoder"
     flags = ["--vae", str(setup / "vae"), "--freeze_encoder", "--decoder_latent_noise", "0.5", "--no_lpips",
              "--disc_ndf", "8", "--disc_start", "2", "--adaptive_disc_weight", "--lr_decay_start", "2"]  # fmt: skip
-    _script("train_vae").main([*_common(setup, out, 4), *flags])
+    training_script("train_vae").main([*_common(setup, out, 4), *flags])
     before = load_file(setup / "vae" / "diffusion_pytorch_model.safetensors")
     after = load_file(out / "diffusion_pytorch_model.safetensors")
     frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
@@ -101,7 +87,7 @@ def test_decoder_fine_tuning_keeps_the_latent_space(setup, tmp_path):
 )
 def test_decoder_fine_tuning_refuses_bad_settings(setup, tmp_path, flags, message):
     with pytest.raises(ValueError, match=message):
-        _script("train_vae").parse_args([*_common(setup, tmp_path, 4), *flags])
+        training_script("train_vae").parse_args([*_common(setup, tmp_path, 4), *flags])
 
 
 def test_latent_noise_needs_the_latents_spread(setup):
@@ -113,16 +99,16 @@ def test_latent_noise_needs_the_latents_spread(setup):
 def test_stage_2_continues_from_a_stage_1_output(setup, tmp_path):
     stage1, latents, stage2 = tmp_path / "stage1", tmp_path / "latents", tmp_path / "stage2"
     sit = ["--enc_type", "efficientnet-lite0"]
-    _script("train_repae").main([*_common(setup, stage1, 2), *sit, "--vae", str(setup / "vae"), "--no_lpips",
+    training_script("train_repae").main([*_common(setup, stage1, 2), *sit, "--vae", str(setup / "vae"), "--no_lpips",
                                  "--disc_ndf", "8"])  # fmt: skip
-    _script("cache_latents").main(["--vae", str(stage1), "--output_dir", str(latents), "--train_data_dir",
+    training_script("cache_latents").main(["--vae", str(stage1), "--output_dir", str(latents), "--train_data_dir",
                                    str(setup / "images"), "--resolution", "32"])  # fmt: skip
     # a learning rate of 1e-30 (0 is refused): every step moves a weight by about 1e-30, so what stage 2 exports is
     # what it started from, to within 1e-25
     stage2_argv = [*_common(setup, stage2, 1), *sit, "--pretrained_model_name_or_path", str(stage1),
                    "--latents_dir", str(latents), "--learning_rate", "1e-30"]  # fmt: skip
     del stage2_argv[:2]  # no --recipe: everything comes from the stage-1 folder
-    _script("train_ldm").main(stage2_argv)
+    training_script("train_ldm").main(stage2_argv)
     for component in ("transformer", "projector", "vae"):
         start = load_file(stage1 / component / "diffusion_pytorch_model.safetensors")
         end = load_file(stage2 / component / "diffusion_pytorch_model.safetensors")

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from diffusers_repae.training.data import load_training_dataset
 from hub_layout import write_hub_layout
 from tiny_setup import write_tiny_setup
+from training_helpers import training_script
 
 REPO = Path(__file__).resolve().parents[2]
 TRAINING = REPO / "training"
@@ -31,17 +31,6 @@ def hub(tmp_path_factory):
     torch.manual_seed(0)
     build_component(str(root / "recipe"), "vae").save_pretrained(root / "vae")  # the frozen VAE of train_ldm
     return root
-
-
-def _script(name):
-    sys.path.insert(0, str(TRAINING))
-    try:
-        module = __import__(name)
-    finally:
-        sys.path.pop(0)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    return module
 
 
 def _common(setup, output_dir, steps, batch=4):
@@ -82,7 +71,7 @@ def test_each_trainer_trains_on_the_hub_layout(hub, tmp_path, trainer, streaming
     extra = ["--streaming"] if streaming else []
     flags = [str(hub / "vae") if flag == "VAE" else flag for flag in TRAINERS[trainer]]
     with caplog.at_level("INFO"):
-        out = _script(trainer).main([*_common(hub, tmp_path / "run", 2), *flags, *extra])
+        out = training_script(trainer).main([*_common(hub, tmp_path / "run", 2), *flags, *extra])
     assert (Path(out) / "checkpoint-2").is_dir()
     if streaming:
         state = json.loads((Path(out) / "checkpoint-2" / "project_state.json").read_text())
@@ -122,9 +111,9 @@ def test_streamed_resume_equals_an_uninterrupted_run(hub, tmp_path):
     # 12 rows, batches of 4: step 4 is in the second epoch; windows of 5 rows: step 2 stops inside a window
     argv = lambda out, steps, *extra: [*_common(hub, out, steps), *TRAINERS["train_repae"], "--streaming", *extra]  # noqa: E731
     straight, split = tmp_path / "straight", tmp_path / "split"
-    _script("train_repae").main(argv(straight, 4))
-    _script("train_repae").main(argv(split, 2))
-    _script("train_repae").main(argv(split, 4, "--resume_from_checkpoint", "latest"))
+    training_script("train_repae").main(argv(straight, 4))
+    training_script("train_repae").main(argv(split, 2))
+    training_script("train_repae").main(argv(split, 4, "--resume_from_checkpoint", "latest"))
     _assert_same_checkpoints(straight / "checkpoint-4", split / "checkpoint-4")
 
 
@@ -175,7 +164,7 @@ def test_two_processes_streamed_resume_equals_an_uninterrupted_run(hub, tmp_path
 
 def test_a_stream_is_read_in_the_main_process(hub, tmp_path):
     # workers would read ahead of the position the checkpoint records: refused, and the default follows the data
-    parse = _script("train_repae").parse_args
+    parse = training_script("train_repae").parse_args
     argv = [*_common(hub, tmp_path / "run", 2), *TRAINERS["train_repae"]]
     at = argv.index("--dataloader_num_workers")
     del argv[at : at + 2]

@@ -1,14 +1,12 @@
 """train_vae.py: the shared VAE loss (adaptive GAN weight, discriminator loss), exact resume, and an exported
 AutoencoderKL that train_ldm.py and train_repae.py accept."""
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from accelerate.state import AcceleratorState, GradientState
 from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
@@ -16,9 +14,9 @@ from safetensors.torch import load_file
 from diffusers_repae.models.discriminator import PatchGANDiscriminator
 from diffusers_repae.training.losses import VAEReconstructionLoss
 from tiny_setup import write_tiny_setup
+from training_helpers import training_script
 
 REPO = Path(__file__).resolve().parents[2]
-TRAINING = REPO / "training"
 
 
 # ----------------------------------------------------------------------------------------------- the loss
@@ -90,17 +88,6 @@ def _vae_argv(setup, output_dir, steps, *extra):
     ]  # fmt: skip
 
 
-def _script(name):
-    sys.path.insert(0, str(TRAINING))
-    try:
-        module = __import__(name)
-    finally:
-        sys.path.pop(0)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    return module
-
-
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     out = {}
     for path in sorted(folder.rglob("*.safetensors")):
@@ -112,9 +99,9 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 def trained_vae(tiny_setup):
     """4 steps straight (the GAN from step 1, adaptive weight) and 2 + 2 resumed: the exported VAE of the first."""
     straight, split = tiny_setup / "straight", tiny_setup / "split"
-    _script("train_vae").main(_vae_argv(tiny_setup, straight, 4))
-    _script("train_vae").main(_vae_argv(tiny_setup, split, 2))
-    _script("train_vae").main(_vae_argv(tiny_setup, split, 4, "--resume_from_checkpoint", "latest"))
+    training_script("train_vae").main(_vae_argv(tiny_setup, straight, 4))
+    training_script("train_vae").main(_vae_argv(tiny_setup, split, 2))
+    training_script("train_vae").main(_vae_argv(tiny_setup, split, 4, "--resume_from_checkpoint", "latest"))
     return straight, split
 
 
@@ -161,8 +148,8 @@ def test_train_ldm_and_train_repae_accept_the_exported_vae(tiny_setup, trained_v
     vae_dir = trained_vae[0]
     exported = AutoencoderKL.from_pretrained(vae_dir)
     sit_flags = ["--enc_type", "efficientnet-lite0", "--validation_steps", "0", "--vae", str(vae_dir)]
-    ldm_out = _script("train_ldm").main([*_common(tiny_setup, tmp_path / "ldm", 1), *sit_flags])
-    repae_out = _script("train_repae").main(
+    ldm_out = training_script("train_ldm").main([*_common(tiny_setup, tmp_path / "ldm", 1), *sit_flags])
+    repae_out = training_script("train_repae").main(
         [*_common(tiny_setup, tmp_path / "repae", 1), *sit_flags, "--no_lpips", "--disc_ndf", "8"]
     )
     ldm = RepaEPipeline.from_pretrained(ldm_out)
@@ -174,7 +161,7 @@ def test_train_ldm_and_train_repae_accept_the_exported_vae(tiny_setup, trained_v
 
 
 def test_bad_flags(tiny_setup, tmp_path):
-    train_vae = _script("train_vae")
+    train_vae = training_script("train_vae")
     with pytest.raises(ValueError, match="kl_weight"):
         train_vae.parse_args(_vae_argv(tiny_setup, tmp_path, 2, "--kl_weight", "-1"))
     with pytest.raises(ValueError, match="num_validation_images"):
