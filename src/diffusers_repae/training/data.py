@@ -182,9 +182,8 @@ class StreamingImageLabelDataset(torch.utils.data.IterableDataset):
         """An independent stream from the start of epoch 0, for reading outside training (validation images,
         statistics) without moving the training position."""
         view = copy.copy(self)
-        view.dataset = copy.deepcopy(self.dataset)
+        view.dataset = self._epoch_zero_copy()
         view.epoch, view._position = 0, _STREAM_START
-        view.dataset.set_epoch(0)
         return view
 
     def state_dict(self) -> dict:
@@ -201,12 +200,16 @@ class StreamingImageLabelDataset(torch.utils.data.IterableDataset):
     def _window_order(self, window: int, length: int) -> np.ndarray:
         return np.random.default_rng([self.seed, self.epoch, window]).permutation(length)
 
-    def _source_rows(self) -> Iterator[dict]:
-        """The raw rows (images still encoded) in source order, from the start of epoch 0 (no shard reshuffle),
-        on a copy: the training position does not move."""
+    def _epoch_zero_copy(self):
+        """A copy of the source stream at the start of epoch 0 (no shard reshuffle): reading it leaves the training
+        position where it is."""
         source = copy.deepcopy(self.dataset)
         source.set_epoch(0)
-        return iter(source)
+        return source
+
+    def _source_rows(self) -> Iterator[dict]:
+        """The raw rows (images still encoded) in source order, from the start of epoch 0, on a copy."""
+        return iter(self._epoch_zero_copy())
 
     def count_rows(self, stop: int | None = None) -> int:
         """Rows in the stream (at most ``stop``), counted by reading it without decoding any image."""
