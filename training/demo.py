@@ -256,29 +256,37 @@ def stage_commands(args, out: Path, precision: str) -> list[list[tuple[str, list
 def run_stages(stages: list[tuple[str, list[str]]], out: Path) -> dict[str, float]:
     """Runs stages that do not depend on each other side by side, each script in its own process sharing the cores
     (a lone stage gets them all and prints to the terminal; side by side, each writes ``out/<its folder>.log``).
-    Returns each stage's wall time in minutes."""
+    Returns each stage's wall time in minutes; a failed stage stops the others."""
+    side_by_side = len(stages) > 1
     threads = max(1, (os.cpu_count() or 1) // len(stages))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if side_by_side else None
     running = {}
-    for name, command in stages:
-        print(f"      {name}: python training/{' '.join(command)}", flush=True)
-        process_args = {}
-        if len(stages) > 1:
-            log = out / f"{Path(command[command.index('--output_dir') + 1]).name}.log"
-            print(f"        (side by side with {len(stages) - 1} other stage(s), {threads} thread(s); log: {log})")
-            process_args = {"stdout": log.open("w"), "stderr": subprocess.STDOUT}
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if len(stages) > 1 else None
-        command_line = [sys.executable, str(SCRIPTS / command[0]), *command[1:]]
-        running[name] = (subprocess.Popen(command_line, env=env, **process_args), time.perf_counter(), process_args)
-    minutes = {}
-    for name, (process, start, process_args) in running.items():
-        status = process.wait()
-        minutes[name] = round((time.perf_counter() - start) / 60, 2)
-        if "stdout" in process_args:
-            process_args["stdout"].close()
-        if status != 0:
-            where = f"its log is {process_args['stdout'].name}" if process_args else "its output is above"
-            raise UserError(f"{name} failed (exit status {status}); {where}.")
-    return minutes
+    try:
+        for name, command in stages:
+            print(f"      {name}: python training/{' '.join(command)}", flush=True)
+            log = None
+            if side_by_side:
+                path = out / f"{Path(command[command.index('--output_dir') + 1]).name}.log"
+                print(f"        (side by side, {threads} thread(s) each; log: {path})")
+                log = path.open("w")
+            command_line = [sys.executable, str(SCRIPTS / command[0]), *command[1:]]
+            process = subprocess.Popen(command_line, env=env, stdout=log, stderr=subprocess.STDOUT if log else None)
+            running[name] = (process, time.perf_counter(), log)
+        minutes = {}
+        for name, (process, start, log) in running.items():
+            status = process.wait()
+            minutes[name] = round((time.perf_counter() - start) / 60, 2)
+            if status != 0:
+                where = f"its log is {log.name}" if log else "its output is above"
+                raise UserError(f"{name} failed (exit status {status}); {where}.")
+        return minutes
+    finally:
+        for process, _, log in running.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            if log:
+                log.close()
 
 
 def compose_pipeline(out: Path, args) -> Path:
