@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from diffusers_repae import RepaEPipeline
-from diffusers_repae.cli import UserError, refuse_overwrite, run_cli
+from diffusers_repae.cli import UserError, refuse_moved_flags, refuse_overwrite, run_cli
 from diffusers_repae.evaluation.quick_score import (
     balanced_samples,
     cached_reference_features,
@@ -74,10 +74,7 @@ MOVED_FLAGS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    for item in argv if argv is not None else sys.argv[1:]:
-        flag = item.split("=", 1)[0]
-        if flag in MOVED_FLAGS:
-            raise UserError(f"{flag} is no longer a demo option: {MOVED_FLAGS[flag]}.")
+    refuse_moved_flags(argv, MOVED_FLAGS, "a demo option")
     parser = argparse.ArgumentParser(
         description="REPA-E demo: its stages on OpenMoji (or your images) on the CPU, offline, in under 10 minutes, "
         "then scores and shows what it learned.",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from accelerate.logging import get_logger
 
 from diffusers_repae import LatentBatchNorm, RepaEPipeline, build_component, load_component_config
 from diffusers_repae import training_args as flags
-from diffusers_repae.cli import UserError, non_negative_float, unit_interval
+from diffusers_repae.cli import non_negative_float, refuse_moved_flags, unit_interval
 from diffusers_repae.schedulers import scheduler_for_path_type
 from diffusers_repae.training.builders import (
     build_vae_loss,
@@ -82,14 +81,6 @@ MOVED_FLAGS = {
 }
 
 
-def refuse_moved_flags(argv: list[str]) -> None:
-    """One line for an option that moved to another stage's script, instead of argparse's 'unrecognized'."""
-    for item in argv:
-        flag = item.split("=", 1)[0]
-        if flag in MOVED_FLAGS:
-            raise UserError(f"{flag} is no longer an option of train_repae.py: {MOVED_FLAGS[flag]}.")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = flags.training_parser("End-to-end REPA-E training (VAE + SiT + discriminator).")
     # models
@@ -117,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     flags.add_vae_loss_args(parser)
     flags.add_sit_training_args(parser, tracker_project_name="train_repae")
     flags.add_data_args(parser)
-    refuse_moved_flags(argv if argv is not None else sys.argv[1:])
+    refuse_moved_flags(argv, MOVED_FLAGS, "an option of train_repae.py")
     args = parser.parse_args(argv)
 
     flags.check_vae_loss_args(args)

@@ -27,8 +27,8 @@ from .run_lock import release_all
 
 __all__ = [
     "UserError", "check_written", "finite_float", "foreign_entries", "non_empty_path", "non_negative_float",
-    "non_negative_int", "not_nan_float", "positive_float", "positive_int", "refuse_overwrite", "remove_ours",
-    "replacing_folder", "run_cli", "seed_int", "unit_interval", "user_error_message",
+    "non_negative_int", "not_nan_float", "positive_float", "positive_int", "refuse_moved_flags", "refuse_overwrite",
+    "remove_ours", "replacing_folder", "run_cli", "seed_int", "unit_interval", "user_error_message",
 ]  # fmt: skip
 
 OFFLINE_HINT = (
@@ -141,6 +141,15 @@ def check_written(folder: str | Path, names: list[str]) -> None:
 
 
 # ------------------------------------------------------------------ argparse types: values checked where they enter
+
+
+def refuse_moved_flags(argv: list[str] | None, moved: dict[str, str], no_longer: str) -> None:
+    """One ``error:`` line for a flag that moved elsewhere (``moved``: flag -> where it lives now), instead of
+    argparse's 'unrecognized arguments'. ``no_longer`` completes "FLAG is no longer ...", e.g. "a demo option"."""
+    for item in sys.argv[1:] if argv is None else argv:
+        flag = item.split("=", 1)[0]
+        if flag in moved:
+            raise UserError(f"{flag} is no longer {no_longer}: {moved[flag]}.")
 
 
 def _number(kind, text: str):
