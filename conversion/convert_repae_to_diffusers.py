@@ -20,6 +20,7 @@ from diffusers_repae.conversion import (
     write_pipeline_folder,
 )
 from diffusers_repae.models.vae import VAE_PRESETS
+from diffusers_repae.run_lock import check_not_locked, folder_lock
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -84,7 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         "--vae_checkpoint": args.vae_checkpoint,
         "--latents_stats": args.latents_stats,
     }
+    check_not_locked(args.output_dir)  # a conversion in progress is reported as such, before anything else
     refuse_overwrite(args.output_dir, "--output_dir", inputs, args.overwrite)
+    with folder_lock(args.output_dir):  # one writer per folder: a second conversion into it is refused
+        return convert(args)
+
+
+def convert(args: argparse.Namespace) -> int:
     try:
         print(f"loading {args.checkpoint} (weights only)")
         checkpoint = load_checkpoint(args.checkpoint)

@@ -15,6 +15,7 @@ from diffusers_repae.cli import check_written, refuse_overwrite, replacing_folde
 from diffusers_repae.conversion import ConversionError, load_checkpoint, report_verification, verify_vae_folder
 from diffusers_repae.conversion.vae import convert_vae_checkpoint
 from diffusers_repae.models.vae import VAE_PRESETS
+from diffusers_repae.run_lock import check_not_locked, folder_lock
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,7 +54,13 @@ def default_stats_path(checkpoint: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     inputs = {"--checkpoint": args.checkpoint, "--latents_stats": args.latents_stats}
+    check_not_locked(args.output_dir)  # a conversion in progress is reported as such, before anything else
     refuse_overwrite(args.output_dir, "--output_dir", inputs, args.overwrite)
+    with folder_lock(args.output_dir):  # one writer per folder: a second conversion into it is refused
+        return convert(args)
+
+
+def convert(args: argparse.Namespace) -> int:
     checkpoint_path = Path(args.checkpoint)
     stats_path = Path(args.latents_stats) if args.latents_stats else default_stats_path(checkpoint_path)
     if args.latents_stats is None and not stats_path.is_file():

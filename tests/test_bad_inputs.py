@@ -72,7 +72,24 @@ def ws(tmp_path_factory):
     (root / "sampled" / "sampling_config.json").write_text("{}")
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "sampled" / "images" / "000000.png")
     (root / "sampled" / "images" / "keep.txt").write_text("mine")
+    write_wrong_weights(root)
     return root
+
+
+def write_wrong_weights(root: Path) -> None:
+    """Files of the wrong kind for every weights flag: empty, text, a foreign safetensors, folders of such."""
+    from safetensors.torch import save_file
+
+    (root / "empty.pt").write_bytes(b"")
+    (root / "text.pt").write_text("these are my notes, not weights\n")
+    save_file({"something.else": torch.zeros(2)}, str(root / "wrong.safetensors"))
+    (root / "badvae").mkdir()
+    (root / "badvae" / "config.json").write_text((root / "vae" / "config.json").read_text())
+    (root / "badvae" / "diffusion_pytorch_model.safetensors").write_text("not weights")
+    (root / "badlora").mkdir()
+    (root / "badlora" / "pytorch_lora_weights.safetensors").write_text("not weights")
+    (root / "badencoder").mkdir()
+    (root / "badencoder" / "config.json").write_text("not json")
 
 
 def snapshot(root: Path) -> dict:
@@ -328,6 +345,130 @@ CLI_CASES += [
 # Clear but wrong: the message names the flag (it was torch's "Invalid learning rate: -1.0").
 CLI_CASES += [("train_repae", [*NEW, "--learning_rate", "-1"], "--learning_rate must be > 0, got -1.0")]
 
+# Round 3 (issue 25), environment. Weight files of the wrong kind or shape, for every flag that reads one: one line
+# naming the flag, the path and what was found (never an UnpicklingError or a zip reader's RuntimeError).
+WRONG_FILES = [("empty.pt", "empty file"), ("text.pt", "text file"), ("payload.pt", "never unpickled"),
+               ("wrong.safetensors", "do not fit")]  # fmt: skip
+OFFLINE_ENCODER = ["--enc_type", "efficientnet-lite0"]  # bundled with its package: no Hub
+EVAL_VAE = ["--vae", "{ws}/vae", "--images", "{ws}/ref.npz", "--feature_extractor", "none", "--resolution", "8"]
+CLI_CASES += [
+    ("eval_vae", [*EVAL_VAE, "--lpips_vgg_weights", f"{{ws}}/{name}"], f"--lpips_vgg_weights '{{ws}}/{name}'")
+    for name, _ in WRONG_FILES
+]
+CLI_CASES += [("eval_vae", [*EVAL_VAE, "--lpips_vgg_weights", f"{{ws}}/{name}"], found) for name, found in WRONG_FILES]
+CLI_CASES += [
+    (
+        "train_repae",
+        [*NEW, *OFFLINE_ENCODER, "--discriminator_checkpoint", f"{{ws}}/{name}"],
+        f"--discriminator_checkpoint '{{ws}}/{name}'",
+    )
+    for name in ("text.pt", "wrong.safetensors", "badvae")
+]
+CLI_CASES += [
+    (
+        "eval_vae",
+        ["--vae", "{ws}/badvae", "--images", "{ws}/ref.npz", "--feature_extractor", "none"],
+        "--vae '{ws}/badvae'",
+    ),
+    ("compute_latent_stats", ["--vae", "{ws}/badvae", "--train_data_dir", "{ws}/images"], "--vae '{ws}/badvae'"),
+    ("sample", ["--pretrained", "tiny-cpu", "--class_labels", "0", "--lora", "{ws}/badlora"], "--lora '{ws}/badlora'"),
+    ("sample", ["--pretrained", "tiny-cpu", "--class_labels", "0", "--lora", "{ws}/vae"], "--lora '{ws}/vae'"),
+    (
+        "train_repae",
+        [*NEW, "--enc_type", "efficientnet-lite0", "--encoder_paths", "efficientnet-lite0={ws}/text.pt"],
+        "--encoder_paths (efficientnet-lite0) '{ws}/text.pt' is not a weights file (a text file",
+    ),
+    (
+        "train_repae",
+        [*NEW, "--enc_type", "dinov2-vit-b", "--encoder_paths", "dinov2-vit-b={ws}/badencoder"],
+        "--encoder_paths (dinov2-vit-b) '{ws}/badencoder' is not a loadable",
+    ),
+]
+if importlib.util.find_spec("torch_fidelity") is not None:
+    CLI_CASES += [
+        (
+            "evaluate",
+            ["--reference", "{ws}/ref.npz", "--samples", "{ws}/samples.npz", "--inception_weights", f"{{ws}}/{name}"],
+            f"--inception_weights '{{ws}}/{name}'",
+        )
+        for name, _ in WRONG_FILES
+    ]
+# A zero-byte or text checkpoint given to each converter (the zero-byte one crashed inside the error handler).
+CLI_CASES += [
+    (
+        converter,
+        ["--checkpoint", f"{{ws}}/{name}", *extra, "--output_dir", "{ws}/new"],
+        f"'{{ws}}/{name}' is not a weights file",
+    )
+    for converter, extra in (("convert_vae_to_diffusers", ["--arch", "f8d4"]), ("convert_repae_to_diffusers", []))
+    for name in ("empty.pt", "text.pt")
+]
+# Sizes that cannot fit in memory are refused up front, naming the flag; devices that do not exist, too.
+CLI_CASES += [
+    (
+        "sample_fid",
+        ["--pretrained", "tiny-cpu", "--output_dir", "{ws}/new", "--num_samples", str(10**14), "--cpu"],
+        "--num_samples 100,000,000,000,000 at",
+    ),
+    (
+        "sample_fid",
+        ["--pretrained", "tiny-cpu", "--output_dir", "{ws}/new", "--num_samples", str(10**14), "--cpu", "--skip_npz"],
+        "--num_samples 100,000,000,000,000 at",
+    ),
+    (
+        "sample_fid",
+        [
+            "--pretrained",
+            "tiny-cpu",
+            "--output_dir",
+            "{ws}/new",
+            "--num_samples",
+            str(10**12),
+            "--batch_size",
+            str(10**12),
+            "--cpu",
+            "--skip_npz",
+        ],
+        "--batch_size 1000000000000 needs at least",
+    ),  # fmt: skip
+    (
+        "sample",
+        ["--pretrained", "tiny-cpu", "--class_labels", "0", "1", "--num_images_per_label", str(10**12)],
+        "--class_labels x --num_images_per_label (2000000000000 images in one call) needs at least",
+    ),
+    (
+        "sample",
+        ["--pretrained", "tiny-cpu", "--class_labels", "0", "--device", "nonsense"],
+        "--device must be a torch",
+    ),
+    ("sample", ["--pretrained", "tiny-cpu", "--class_labels", "0", "--device", "meta"], "--device must be cpu, cuda"),
+    ("evaluate", ["--reference", "{ws}/ref.npz", "--samples", "{ws}/samples.npz", "--device", "gpu"], "--device must"),
+    ("eval_vae", [*EVAL_VAE, "--device", "nonsense"], "--device must be a torch device"),
+    ("compute_latent_stats", ["--vae", "{ws}/vae", "--device", "nonsense"], "--device must be a torch device"),
+]
+if not torch.cuda.is_available():
+    CLI_CASES.append(("sample", ["--pretrained", "tiny-cpu", "--class_labels", "0", "--device", "cuda"], "0 CUDA GPU"))
+# A mistyped column is refused with the columns there are (a missing --label_column trained one class "all").
+CLI_CASES += [
+    ("train_repae", [*NEW, "--label_column", "lable"], "--label_column 'lable' is not a column of imagefolder:"),
+    ("train_repae", [*NEW, "--label_column", "lable"], "its columns are ['image', 'label']"),
+    (
+        "cache_latents",
+        [
+            "--vae",
+            "{ws}/vae",
+            "--output_dir",
+            "{ws}/new",
+            "--train_data_dir",
+            "{ws}/images",
+            "--label_column",
+            "class",
+        ],
+        "--label_column 'class' is not a column",
+    ),  # fmt: skip
+    ("train_repae", [*NEW, "--image_column", "img"], "--image_column 'img' is not a column"),
+]
+
 if importlib.util.find_spec("wandb") is None:  # the tracker the flag names is not installed
     CLI_CASES.append(("train_repae", [*TRAIN, "--output_dir", "{ws}/new", "--report_to", "wandb"], "--report_to"))
 
@@ -372,6 +513,14 @@ def _nan_latents(pipe):
     return latents
 
 
+def _nan_callback(pipe, i, t, kwargs):
+    return {"latents": kwargs["latents"] * float("nan")}
+
+
+def _inf_callback(pipe, i, t, kwargs):
+    return {"latents": kwargs["latents"] + (float("inf") if i == 1 else 0.0)}
+
+
 PIPELINE_CASES = [
     (lambda p: dict(guidance_scale=float("nan")), ValueError, "guidance_scale"),
     (lambda p: dict(guidance_scale=float("inf")), ValueError, "guidance_scale"),
@@ -403,6 +552,22 @@ PIPELINE_CASES = [
     (lambda p: dict(callback_on_step_end_tensor_inputs=["noise"]), ValueError, "callback_on_step_end_tensor_inputs"),
     (lambda p: dict(num_images_per_label=0), ValueError, "num_images_per_label"),
     (lambda p: dict(sampling_dtype=torch.int32), ValueError, "sampling_dtype"),
+    # Round 3 (issue 25)
+    (lambda p: dict(guidance_interval="01"), ValueError, "guidance_interval must be a pair of numbers"),
+    (lambda p: dict(guidance_interval=[True, 1]), ValueError, "guidance_interval must be a pair of numbers"),
+    (lambda p: dict(latents=torch.zeros(_shape(p), dtype=torch.bool)), ValueError, "latents: dtype torch.bool"),
+    (lambda p: dict(latents=torch.zeros(_shape(p), dtype=torch.int64)), ValueError, "latents: dtype torch.int64"),
+    (lambda p: dict(latents=torch.zeros(_shape(p), device="meta")), ValueError, "latents: a meta-device"),
+    (
+        lambda p: dict(class_labels=[0, 1], generator=[torch.Generator(), None]),
+        TypeError,
+        r"generator\[1\] is NoneType",
+    ),
+    (lambda p: dict(class_labels=[0, 1], generator=[torch.Generator(), 7]), TypeError, r"generator\[1\] is int"),
+    (lambda p: dict(num_inference_steps=10**9), ValueError, "num_inference_steps must be at most 100,000"),
+    (lambda p: dict(num_images_per_prompt=10**13), ValueError, "a batch of 10,000,000,000,000 images"),
+    (lambda p: dict(callback_on_step_end=_nan_callback), ValueError, "callback_on_step_end returned .* at step 0"),
+    (lambda p: dict(callback_on_step_end=_inf_callback, num_inference_steps=2), ValueError, "at step 1"),
 ]
 
 
@@ -411,6 +576,48 @@ def test_pipeline_rejects_with_the_argument_named(pipe, make, error, expected):
     call = dict(class_labels=[0], num_inference_steps=1, output_type="latent") | make(pipe)
     with pytest.raises(error, match=expected):
         pipe(**call)
+
+
+def _edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+
+# A saved folder edited by hand: (file, changes, what the error names). Statistics that would make every image NaN,
+# nonsense sizes, unknown class names, defaults out of range.
+FOLDER_EDITS = [
+    ("vae/config.json", dict(latents_mean=[0.0] * 4, latents_std=[0.0] * 4), "vae config.json: latents_std"),
+    ("vae/config.json", dict(latents_mean=[0.0] * 4, latents_std=[float("nan")] * 4), "vae config.json: latents_std"),
+    ("vae/config.json", dict(latents_mean=[float("inf")] * 4, latents_std=[1.0] * 4), "vae config.json: latents_mean"),
+    ("transformer/config.json", dict(num_layers=-2), "transformer config.json: num_layers must be an integer >= 1"),
+    ("transformer/config.json", dict(hidden_size=0), "transformer config.json: hidden_size must be an integer >= 1"),
+    ("transformer/config.json", dict(mlp_ratio=-1), "transformer config.json: mlp_ratio"),
+    ("model_index.json", dict(transformer=["diffusers_repae", "NoSuchModel"]), "model_index.json: transformer names"),
+    ("model_index.json", dict(default_num_inference_steps=-5), "model_index.json: default_num_inference_steps"),
+    ("model_index.json", dict(default_guidance_interval="01"), "model_index.json: default_guidance_interval"),
+]
+
+
+@pytest.fixture(scope="module")
+def saved_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("saved") / "pipe"
+    torch.manual_seed(0)
+    RepaEPipeline.from_recipe("tiny-cpu").save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("file", "changes", "expected"), FOLDER_EDITS, ids=[f"{c[0]}-{c[2][-20:]}" for c in FOLDER_EDITS]
+)
+def test_an_edited_folder_is_refused_naming_file_and_field(saved_folder, tmp_path, file, changes, expected):
+    import shutil
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(saved_folder, folder)
+    _edit_json(folder / file, **changes)
+    with pytest.raises(ValueError) as caught:
+        RepaEPipeline.from_pretrained(folder)
+    assert expected in str(caught.value), str(caught.value)
+    RepaEPipeline.from_pretrained(saved_folder)  # the unedited folder loads
 
 
 ACCEPTED = [

@@ -37,6 +37,7 @@ from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from diffusers_repae.cli import UserError, non_empty_path, positive_int, refuse_overwrite, run_cli, seed_int
+from diffusers_repae.run_lock import LOCK_NAME, check_not_locked, folder_lock
 from diffusers_repae.training.latent_cache import (
     CacheInfo,
     load_vae,
@@ -160,7 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     output = Path(args.output_dir)
     inputs = {"--vae": args.vae, "--train_data_dir": args.train_data_dir}
     refuse_overwrite(output, "--output_dir", inputs, overwrite=True)
-    foreign = output.is_dir() and any(output.iterdir()) and not (output / "cache_info.json").is_file()
+    # a lone lock file is what a killed run left: not foreign
+    entries = [entry for entry in output.iterdir() if entry.name != LOCK_NAME] if output.is_dir() else []
+    foreign = bool(entries) and not (output / "cache_info.json").is_file()
     if foreign and not args.overwrite:
         raise UserError(
             f"--output_dir {str(output)!r} is not empty and holds no latent cache: choose another folder, or pass "
@@ -171,8 +174,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_images is not None and args.max_images < 1:
         raise UserError(f"--max_images must be >= 1, got {args.max_images}.")
     accelerator = Accelerator()
+    if accelerator.is_main_process:  # a run in progress is reported as such, before anything is removed
+        check_not_locked(output)
     if foreign and accelerator.is_main_process:
         shutil.rmtree(output)
+    with folder_lock(output, enabled=accelerator.is_main_process):  # one writer per folder
+        cache(args, accelerator, output)
+
+
+def cache(args: argparse.Namespace, accelerator: Accelerator, output: Path) -> None:
     started = time.time()
     data = training_data_from_args(args, shuffle=False)  # one process's view: every process numbers all rows
     num_items = count_items(data, args.max_images, accelerator)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from diffusers_repae.cli import (
     UserError,
+    device_name,
     non_empty_path,
     non_negative_float,
     non_negative_int,
@@ -59,7 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=seed_int, default=0, help="Seed of the data order and the posterior noise.")
     parser.add_argument("--num_workers", type=non_negative_int, default=0, help="DataLoader worker processes.")
-    parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu", help="Device.")
+    parser.add_argument(
+        "--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu", help="Device."
+    )
     parser.add_argument(
         "--plot", type=non_empty_path, default="latent_stats.png", help="Where to save the comparison plot."
     )

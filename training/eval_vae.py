@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
-from diffusers_repae.cli import UserError, positive_int, refuse_overwrite, run_cli
+from diffusers_repae.cli import UserError, device_name, positive_int, refuse_overwrite, run_cli
 from diffusers_repae.evaluation import (
     FEATURE_EXTRACTORS,
     build_feature_extractor,
@@ -31,6 +31,7 @@ from diffusers_repae.evaluation import (
 )
 from diffusers_repae.training.data import real_images
 from diffusers_repae.training_args import add_data_args, training_data_from_args
+from diffusers_repae.weight_files import loading
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,7 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--lpips_vgg_weights", default=None, help="torchvision's vgg16-397923af.pth for LPIPS (else LPIPS is skipped)."
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device.")
+    parser.add_argument(
+        "--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device."
+    )
     parser.add_argument("--output_json", default=None, help="Also write the metrics to this JSON file.")
     parser.add_argument(
         "--overwrite", action="store_true", help="Replace an existing output (never one of this command's inputs)."
@@ -101,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         refuse_overwrite(args.output_json, "--output_json", inputs, args.overwrite)
     if args.images is not None and not Path(args.images).exists():
         raise UserError(f"--images {args.images!r} does not exist.")
-    vae = AutoencoderKL.from_pretrained(args.vae, subfolder=args.vae_subfolder)
+    with loading("--vae", args.vae, "AutoencoderKL"):
+        vae = AutoencoderKL.from_pretrained(args.vae, subfolder=args.vae_subfolder)
     extractor = None
     if args.feature_extractor != "none":
         weights = args.inception_weights if args.feature_extractor == "inception-v3" else None

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from diffusers_repae.cli import UserError, positive_int, refuse_overwrite, run_cli
+from diffusers_repae.cli import UserError, device_name, positive_int, refuse_overwrite, run_cli
 from diffusers_repae.evaluation import (
     FEATURE_EXTRACTORS,
     build_feature_extractor,
@@ -55,7 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--k", type=positive_int, default=3, help="Neighbourhood size of the precision/recall manifolds."
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device.")
+    parser.add_argument(
+        "--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device."
+    )
     parser.add_argument(
         "--save_reference_features",
         default=None,

@@ -14,9 +14,18 @@ import torch
 from diffusers.utils import make_image_grid
 
 from diffusers_repae import RepaEPipeline
-from diffusers_repae.cli import UserError, finite_float, positive_int, refuse_overwrite, run_cli, seed_int
+from diffusers_repae.cli import (
+    UserError,
+    device_name,
+    finite_float,
+    positive_int,
+    refuse_overwrite,
+    run_cli,
+    seed_int,
+)  # fmt: skip
 from diffusers_repae.recipes import resolve_recipe
 from diffusers_repae.schedulers import SAMPLERS
+from diffusers_repae.weight_files import loading
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,7 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--seed", type=seed_int, default=0, help="Seed of the generator (initial noise and SDE noise)."
     )
     parser.add_argument("--float64", action="store_true", help="Run the sampler state in float64, like the original.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device.")
+    parser.add_argument(
+        "--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu", help="torch device."
+    )
     parser.add_argument(
         "--num_threads",
         type=positive_int,
@@ -100,8 +111,13 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.num_threads)
     pipe = load_pipeline(args.pretrained)
     if args.lora is not None:
-        pipe.load_lora_weights(args.lora)  # diffusers' loader; new classes and their names come with it
+        with loading("--lora", args.lora, "LoRA folder (OUTPUT_DIR/lora of train_ldm.py --lora_rank)"):
+            pipe.load_lora_weights(args.lora)  # diffusers' loader; new classes and their names come with it
     pipe = pipe.to(args.device)
+    batch = len(args.class_labels) * args.num_images_per_label
+    pipe.check_batch_fits(
+        batch, f"--class_labels x --num_images_per_label ({batch} images in one call)", "ask for fewer images"
+    )
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     images = pipe(
         class_labels=[parse_label(label) for label in args.class_labels],

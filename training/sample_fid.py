@@ -46,6 +46,7 @@ from diffusers_repae.evaluation.sampling import (
     run_sampling,
     sample_labels,
 )
+from diffusers_repae.memory import check_fits
 from diffusers_repae.recipes import resolve_recipe
 from diffusers_repae.run_lock import LOCK_NAME, check_not_locked, folder_lock
 from diffusers_repae.schedulers import SAMPLERS
@@ -199,8 +200,20 @@ def main(argv: list[str] | None = None) -> None:
         sample(args, state, start_over if state.is_main_process else False)
 
 
+def check_sizes_fit(args: argparse.Namespace, pipe: RepaEPipeline, device) -> None:
+    """Sizes that cannot fit in memory are refused before the first sample: one batch on the device and, unless
+    --skip_npz, the .npz of every sample (assembled in RAM), plus the labels of all samples."""
+    batch = min(args.batch_size, args.num_samples)
+    pipe.check_batch_fits(batch, f"--batch_size {args.batch_size}", "pass a smaller --batch_size")
+    side = pipe.image_size
+    per_sample = 8 + (0 if args.skip_npz else side * side * 3)  # an int64 label, and uint8 pixels
+    what = f"--num_samples {args.num_samples:,} at {side} px" + ("" if args.skip_npz else " (the .npz is in RAM)")
+    check_fits(args.num_samples * per_sample, what, "pass fewer --num_samples, or --skip_npz to keep only PNGs")
+
+
 def sample(args: argparse.Namespace, state: PartialState, start_over: bool) -> None:
     pipe = load_pipeline(args.pretrained, DTYPES[args.model_dtype]).to(state.device)
+    check_sizes_fit(args, pipe, state.device)
     pipe.set_progress_bar_config(disable=True)
     num_classes = args.num_classes or pipe.transformer.config.num_classes
     if not 1 <= num_classes <= pipe.transformer.config.num_classes:

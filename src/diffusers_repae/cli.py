@@ -22,13 +22,15 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from .disk import disk_full_message, is_disk_full, writing
 from .errors import UserError
-from .run_lock import release_all
+from .run_lock import LOCK_NAME, carry_lock, release_all
 
 __all__ = [
-    "UserError", "check_written", "finite_float", "foreign_entries", "non_empty_path", "non_negative_float",
-    "non_negative_int", "not_nan_float", "positive_float", "positive_int", "refuse_moved_flags", "refuse_overwrite",
-    "remove_ours", "replacing_folder", "run_cli", "seed_int", "unit_interval", "user_error_message",
+    "UserError", "check_written", "device_name", "finite_float", "foreign_entries", "non_empty_path",
+    "non_negative_float", "non_negative_int", "not_nan_float", "positive_float", "positive_int", "refuse_moved_flags",
+    "refuse_overwrite", "remove_ours", "replacing_folder", "run_cli", "seed_int", "unit_interval",
+    "user_error_message",
 ]  # fmt: skip
 
 OFFLINE_HINT = (
@@ -54,6 +56,8 @@ def user_error_message(error: BaseException) -> str | None:
         return text + OFFLINE_HINT
     if isinstance(error, (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)):
         return text
+    if is_disk_full(error):  # a write that no `disk.writing` wrapped: name the file when the error knows it
+        return disk_full_message(getattr(error, "filename", None))
     if isinstance(error, PermissionError):
         return text
     if isinstance(error, OSError) and any(
@@ -107,24 +111,25 @@ def refuse_overwrite(
             raise UserError(
                 f"{flag} {str(path)!r} would overwrite the input {name} {str(source)!r}: choose another path."
             )
-    if not overwrite and (target.is_file() or (target.is_dir() and any(target.iterdir()))):
+    # a lone lock file is what a killed run of ours leaves in the folder it created: no reason to refuse
+    holds_something = target.is_dir() and any(entry.name != LOCK_NAME for entry in target.iterdir())
+    if not overwrite and (target.is_file() or holds_something):
         raise UserError(f"{flag} {str(path)!r} already exists and is not empty: pass --overwrite to replace it.")
 
 
 @contextlib.contextmanager
 def replacing_folder(path: str | Path):
     """Yields a hidden sibling folder to write into; on success it replaces ``path`` as a whole (nothing stale from
-    an older folder survives), on failure it is removed and ``path`` is left as it was."""
+    an older folder survives), on failure it is removed and ``path`` is left as it was (a full disk: one
+    `DiskFullError` line). A lock this process holds on ``path`` moves into the new folder with it."""
     target = Path(path)
     staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with writing(target, staging):
+        staging.mkdir(parents=True)
         yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     if target.exists():
+        carry_lock(target, staging)
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         target.rename(old)
         staging.rename(target)
@@ -213,6 +218,25 @@ def seed_int(text: str) -> int:
     if not 0 <= value < 2**32:
         raise argparse.ArgumentTypeError(f"must be in [0, 2**32 - 1], got {value}")
     return value
+
+
+def device_name(text: str) -> str:
+    """argparse ``type=``: a torch device this machine has (cpu, cuda, cuda:N, mps)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be a torch device such as cpu, cuda or cuda:0, got {text!r}") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        allowed = "cpu" if count == 0 else f"cpu or cuda:0 to cuda:{count - 1}"
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA GPU(s); pass {allowed}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine; pass cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
 
 
 def non_empty_path(text: str) -> str:

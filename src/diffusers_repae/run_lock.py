@@ -22,7 +22,9 @@ from pathlib import Path
 
 from .errors import UserError
 
-__all__ = ["LOCK_NAME", "FolderLock", "check_not_locked", "folder_lock", "release_all", "release_folder"]
+__all__ = [
+    "LOCK_NAME", "FolderLock", "carry_lock", "check_not_locked", "folder_lock", "release_all", "release_folder",
+]  # fmt: skip
 
 LOCK_NAME = ".lock"
 _HELD: list[FolderLock] = []
@@ -133,6 +135,15 @@ def release_folder(folder: str | Path) -> None:
     for lock in list(_HELD):
         if lock.folder.resolve() == target:
             lock.release()
+
+
+def carry_lock(folder: str | Path, new_folder: str | Path) -> None:
+    """Moves this process's held lock file of ``folder`` into ``new_folder``, which is about to replace ``folder``
+    (a rename keeps the file, so the lock stays held throughout; see `cli.replacing_folder`)."""
+    target = Path(folder).resolve()
+    for lock in _HELD:
+        if lock.folder.resolve() == target and lock.path.is_file():
+            lock.path.rename(Path(new_folder) / LOCK_NAME)
 
 
 def release_all() -> None:

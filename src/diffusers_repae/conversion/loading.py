@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..weight_files import describe_file, first_line
+
 ALLOWED_GLOBALS = [argparse.Namespace]
 
 # Prefixes that wrappers add in front of every key: DDP (``module.``), torch.compile (``_orig_mod.``),
@@ -31,6 +33,12 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"checkpoint {str(path)!r} does not exist or is not a file.")
+    found = describe_file(path)
+    if found is not None:  # an empty or text file: say so, rather than what a reader makes of it
+        raise ConversionError(
+            f"checkpoint {str(path)!r} is not a weights file ({found}): pass the original .pt/.pth/.ckpt or "
+            ".safetensors file (is the download or copy complete?)."
+        )
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -55,7 +63,7 @@ def load_checkpoint(path: str | Path) -> dict:
         ) from None
     except (RuntimeError, EOFError, OSError) as error:
         raise ConversionError(
-            f"could not read {str(path)!r}: {error.__class__.__name__}: {str(error).splitlines()[0]} "
+            f"could not read {str(path)!r}: {error.__class__.__name__}: {first_line(error)} "
             "(is the file truncated, e.g. an interrupted download or copy?)"
         ) from None
     if not isinstance(checkpoint, Mapping):

@@ -25,21 +25,20 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..weight_files import WeightFileError, load_weights_into, read_state_dict
+
 INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 )
 FEATURE_EXTRACTORS = ("inception-v3", "efficientnet-lite0")
+INCEPTION_EXPECTED = f"torch-fidelity's Inception weights ({INCEPTION_WEIGHTS_FILENAME})"
 
 
-def _load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from safetensors or a tensors-only torch pickle (``weights_only=True``)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+def _load_state_dict(path: str | Path, flag: str, expected: str) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or a tensors-only torch pickle (``weights_only=True``); a file of another kind
+    is one error naming ``flag`` (see `weight_files.read_state_dict`)."""
+    return read_state_dict(path, flag, expected)
 
 
 def default_inception_weights_path() -> Path:
@@ -66,7 +65,7 @@ class InceptionV3FeatureExtractor(nn.Module):
         if path.is_file():
             # torch-fidelity calls torch.load(weights_only=False): hand it a buffer re-serialised from a safe load.
             buffer = io.BytesIO()
-            torch.save(_load_state_dict(path), buffer)
+            torch.save(_load_state_dict(path, "--inception_weights", INCEPTION_EXPECTED), buffer)
             buffer.seek(0)
             source = buffer
         elif weights_path is None and allow_download:
@@ -78,7 +77,16 @@ class InceptionV3FeatureExtractor(nn.Module):
                 f"(--inception_weights), place them at {default_inception_weights_path()}, or allow a download. "
                 "Offline, use the EfficientNet-Lite0 extractor instead (reported as FD-EfficientNetLite0, not FID)."
             )
-        self.model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"], source)
+        try:
+            self.model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"], source)
+        except RuntimeError as error:  # load_state_dict: tensors of another network
+            if source is None:
+                raise
+            reason = " ".join(str(error).split())[:200]
+            raise WeightFileError(
+                f"--inception_weights {str(path)!r} is not {INCEPTION_EXPECTED} (its tensors do not fit: {reason}): "
+                f"pass {INCEPTION_EXPECTED}."
+            ) from None
         self._spatial: torch.Tensor | None = None
         self.model.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
 
@@ -116,7 +124,9 @@ class EfficientNetLite0FeatureExtractor(nn.Module):
         if not Path(weights_path).is_file():
             raise FileNotFoundError(f"EfficientNet-Lite0 weights not found at {weights_path}.")
         self.model = EfficientNet.from_name("efficientnet-lite0")
-        self.model.load_state_dict(_load_state_dict(weights_path))
+        expected = "EfficientNet-Lite0 ImageNet weights"
+        state = _load_state_dict(weights_path, "weights_path", expected)
+        load_weights_into(self.model, state, "weights_path", weights_path, expected)
         # channels-last runs its depthwise convs about 30% faster on CPU, with the same fp32 results
         self.model.requires_grad_(False).eval().to(memory_format=torch.channels_last)
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..disk import writing
 from .features import extract_features
 from .image_io import count_images, iter_image_batches
 from .metrics import frechet_distance_from_features, inception_score, precision_recall
@@ -50,7 +52,10 @@ def save_features(path: str | Path, features: dict[str, np.ndarray], extractor_n
     """Cache features (e.g. of a reference batch) as ``.npz`` with the extractor's name, to skip re-extraction."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, extractor=np.array(extractor_name), **features)
+    tmp = path.with_name(path.name + ".tmp.npz")  # written whole, then renamed: never a half-written cache
+    with writing(path, tmp):
+        np.savez(tmp, extractor=np.array(extractor_name), **features)
+        os.replace(tmp, path)
     return path
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..disk import writing
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -20,8 +22,9 @@ def save_npz(path: str | Path, images: np.ndarray, labels: np.ndarray | None = N
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = [images] if labels is None else [images, np.asarray(labels, dtype=np.int64)]
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, *arrays)
-    os.replace(tmp, path)
+    with writing(path, tmp):  # a full disk: one line, and no .tmp.npz left behind
+        np.savez(tmp, *arrays)
+        os.replace(tmp, path)
     return path
 
 

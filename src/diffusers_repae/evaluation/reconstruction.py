@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..weight_files import load_weights_into
 from .features import _load_state_dict
 from .generation import metric_names
 from .metrics import frechet_distance_from_features, psnr, ssim
@@ -29,11 +30,10 @@ def load_lpips_vgg(vgg_weights_path: str | Path) -> nn.Module:
     import lpips
     from torchvision.models import vgg16
 
-    path = Path(vgg_weights_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"VGG16 weights for LPIPS not found at {path} (torchvision's vgg16-397923af.pth).")
+    expected = "torchvision's VGG16 ImageNet weights (vgg16-397923af.pth, or a safetensors copy)"
     vgg = vgg16()
-    vgg.load_state_dict(_load_state_dict(path))
+    state = _load_state_dict(vgg_weights_path, "--lpips_vgg_weights", expected)
+    load_weights_into(vgg, state, "--lpips_vgg_weights", vgg_weights_path, expected)
     # pnet_rand=True keeps lpips from downloading VGG; its slices index the same torchvision `features` modules.
     model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
     for slice_ in (model.net.slice1, model.net.slice2, model.net.slice3, model.net.slice4, model.net.slice5):

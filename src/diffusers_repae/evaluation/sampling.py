@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..disk import writing
 from .image_io import load_image, save_npz
 
 LABEL_SAMPLING = ("balanced", "random")
@@ -76,8 +77,9 @@ def save_sample(image: np.ndarray, path: Path) -> None:
     """Write one uint8 [H, W, 3] PNG atomically (a crash never leaves a half-written file that counts as done)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    Image.fromarray(image).save(tmp)
-    os.replace(tmp, path)
+    with writing(path, tmp):
+        Image.fromarray(image).save(tmp)
+        os.replace(tmp, path)
 
 
 def config_matches(output_dir: str | Path, config: dict) -> bool:

@@ -237,6 +237,20 @@ def _autocast_enabled(device_type: str) -> bool:
         return False
 
 
+def _check_config(mlp_ratio: float, class_dropout_prob: float, **sizes: int) -> None:
+    """Nonsense in a (hand-edited) transformer config.json is one ValueError naming the field, instead of a
+    failure deep inside torch (a negative number of layers, a zero size)."""
+    for field, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"transformer config.json: {field} must be an integer >= 1, got {value!r}.")
+    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not 0 < mlp_ratio < math.inf:
+        raise ValueError(f"transformer config.json: mlp_ratio must be a finite number > 0, got {mlp_ratio!r}.")
+    if isinstance(class_dropout_prob, bool) or not isinstance(class_dropout_prob, (int, float)):
+        raise ValueError(f"transformer config.json: class_dropout_prob must be a number, got {class_dropout_prob!r}.")
+    if not 0 <= class_dropout_prob < 1:
+        raise ValueError(f"transformer config.json: class_dropout_prob must be in [0, 1), got {class_dropout_prob!r}.")
+
+
 @dataclass
 class SiTTransformer2DModelOutput(BaseOutput):
     """
@@ -295,6 +309,11 @@ class SiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attention
         qk_norm: bool = False,
     ):
         super().__init__()
+        _check_config(
+            sample_size=sample_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
+            num_layers=num_layers, num_attention_heads=num_attention_heads, num_classes=num_classes,
+            mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
+        )  # fmt: skip
         if sample_size % patch_size != 0:
             raise ValueError(f"sample_size {sample_size} must be a multiple of patch_size {patch_size}.")
         self.gradient_checkpointing = False

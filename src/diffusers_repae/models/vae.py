@@ -49,6 +49,26 @@ def build_vae(arch: str, **overrides) -> AutoencoderKL:
     return AutoencoderKL(**vae_config(arch, **overrides))
 
 
+def check_latent_stats(config) -> None:
+    """Refuses a VAE config whose ``latents_mean``/``latents_std`` (when set) would make every image NaN or
+    infinite: non-numbers, non-finite values, or a standard deviation <= 0 (the latents are divided by it)."""
+    for field in ("latents_mean", "latents_std"):
+        values = getattr(config, field, None)
+        if values is None:
+            continue
+        try:
+            tensor = torch.as_tensor(values, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"vae config.json: {field} must be a list of numbers, got {values!r}.") from None
+        bad = not bool(torch.isfinite(tensor).all()) or (field == "latents_std" and bool((tensor <= 0).any()))
+        if bad or tensor.ndim != 1 or tensor.numel() == 0:
+            wanted = "finite numbers > 0" if field == "latents_std" else "finite numbers"
+            raise ValueError(
+                f"vae config.json: {field} must be a non-empty list of {wanted} (one per latent channel), got "
+                f"{values!r}: recompute them (training/compute_latent_stats.py --write) or remove the field."
+            )
+
+
 def latent_stats(vae: AutoencoderKL, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(mean, std, scaling_factor)`` broadcastable to ``like`` ``[B, C, H, W]``.
 

@@ -281,8 +281,13 @@ def as_installed_classes(config: dict) -> dict:
     for key, value in config.items():
         if key != "_class_name" and isinstance(value, list) and len(value) == 2 and value[0] == LIBRARY:
             cls = getattr(namespace, value[1], None)
-            if cls is not None:
-                config[key] = [cls.__module__, value[1]]
+            if not isinstance(cls, type):  # an edited or newer folder: say which entry, not "trust_remote_code"
+                raise ValueError(
+                    f"model_index.json: {key} names the class {value[1]!r}, which {LIBRARY} does not have; allowed: "
+                    f'one of its classes (e.g. ["{LIBRARY}", "SiTTransformer2DModel"] for the transformer), or '
+                    "a newer diffusers-repae if the folder was written by one."
+                )
+            config[key] = [cls.__module__, value[1]]
     return config
 
 

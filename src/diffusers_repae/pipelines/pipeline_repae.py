@@ -16,8 +16,9 @@ from diffusers.utils import logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..loaders.lora_pipeline import RepaELoraLoaderMixin
+from ..memory import check_fits
 from ..models.transformer_sit import SiTTransformer2DModel
-from ..models.vae import denormalize_latents
+from ..models.vae import check_latent_stats, denormalize_latents
 from ..schedulers import scheduler_for_sampler, set_repae_timesteps
 from .hub import RepaEHubMixin
 
@@ -26,6 +27,8 @@ logger = logging.get_logger(__name__)
 IMAGENET_CLASSES_FILE = Path(__file__).with_name("imagenet_classes.json")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 SAMPLING_DTYPES = (torch.float32, torch.float64)
+# Far beyond any useful grid (the paper uses 250); 10**9 steps would need gigabytes for the time grid alone.
+MAX_INFERENCE_STEPS = 100_000
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -44,6 +47,10 @@ EXAMPLE_DOC_STRING = """
         >>> images = pipe(class_labels=207, num_inference_steps=50, sampler="euler").images
         ```
 """
+
+
+def _is_real_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 def load_imagenet_id2label() -> dict[str, str]:
@@ -92,6 +99,9 @@ class RepaEPipeline(RepaEHubMixin, DiffusionPipeline, RepaELoraLoaderMixin):
         default_guidance_interval: tuple[float, float] | list[float] = (0.0, 1.0),
     ):
         super().__init__()
+        if vae is not None:
+            check_latent_stats(vae.config)  # a folder whose statistics would turn every image into NaN
+        self._check_defaults(default_num_inference_steps, default_guidance_scale, default_guidance_interval)
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
         if id2label is not None:
             id2label = {str(key): value for key, value in id2label.items()}
@@ -245,12 +255,16 @@ class RepaEPipeline(RepaEHubMixin, DiffusionPipeline, RepaELoraLoaderMixin):
             or num_inference_steps < 1
         ):
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}.")
+        if num_inference_steps > MAX_INFERENCE_STEPS:
+            raise ValueError(
+                f"num_inference_steps must be at most {MAX_INFERENCE_STEPS:,}, got {num_inference_steps:,} "
+                "(the paper samples with 250)."
+            )
         if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool):
             raise ValueError(f"guidance_scale must be a number (> 1 enables guidance), got {guidance_scale!r}.")
         if not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be finite (> 1 enables guidance), got {guidance_scale!r}.")
-        if len(guidance_interval) != 2:
-            raise ValueError(f"guidance_interval must be (low, high), got {guidance_interval!r}.")
+        self._check_guidance_interval(guidance_interval)
         low, high = (float(v) for v in guidance_interval)
         if not (0.0 <= low <= high <= 1.0):
             raise ValueError(
@@ -276,6 +290,94 @@ class RepaEPipeline(RepaEHubMixin, DiffusionPipeline, RepaELoraLoaderMixin):
                     f"allowed: {self._callback_tensor_inputs}."
                 )
 
+    @classmethod
+    def _check_defaults(cls, steps, scale, interval) -> None:
+        """The sampling defaults (``model_index.json``, perhaps edited by hand) are checked like a call's values."""
+        whole = isinstance(steps, (int, np.integer)) and not isinstance(steps, bool)
+        if not whole or not 1 <= steps <= MAX_INFERENCE_STEPS:
+            raise ValueError(
+                f"model_index.json: default_num_inference_steps must be an integer in [1, {MAX_INFERENCE_STEPS:,}], "
+                f"got {steps!r}."
+            )
+        if not _is_real_number(scale) or not math.isfinite(scale):
+            raise ValueError(f"model_index.json: default_guidance_scale must be a finite number, got {scale!r}.")
+        try:
+            cls._check_guidance_interval(interval)
+        except ValueError as error:
+            raise ValueError(f"model_index.json: default_{error}") from None
+        if not 0 <= float(interval[0]) <= float(interval[1]) <= 1:
+            raise ValueError(
+                f"model_index.json: default_guidance_interval must satisfy 0 <= low <= high <= 1, got {interval!r}."
+            )
+
+    @staticmethod
+    def _check_guidance_interval(guidance_interval) -> None:
+        """A pair of real numbers (a list, tuple, array or tensor of two): a string like "01" has two items too."""
+        pair = guidance_interval.tolist() if isinstance(guidance_interval, (torch.Tensor, np.ndarray)) else None
+        pair = pair if pair is not None else guidance_interval
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(_is_real_number(v) for v in pair):
+            raise ValueError(
+                f"guidance_interval must be a pair of numbers (low, high) with 0 <= low <= high <= 1, got "
+                f"{guidance_interval!r}."
+            )
+
+    @staticmethod
+    def _check_generator(generator, batch_size: int) -> None:
+        """One torch.Generator, None, or a list of exactly ``batch_size`` generators (no None among them: which
+        images would be drawn from what is then unclear); none of them on the meta device (it has no numbers)."""
+        generators = generator if isinstance(generator, list) else [generator]
+        allowed = (
+            "allowed: a torch.Generator (e.g. torch.Generator().manual_seed(0)), a list of them (one per image), "
+            "or None."
+        )
+        if isinstance(generator, list):
+            if len(generator) != batch_size:
+                raise ValueError(
+                    f"generator: a list of {len(generator)} generators was given for a batch of {batch_size}; "
+                    f"allowed: one generator, or a list of exactly {batch_size}."
+                )
+            wrong = [i for i, g in enumerate(generator) if not isinstance(g, torch.Generator)]
+            if wrong:
+                item = generator[wrong[0]]
+                raise TypeError(f"generator[{wrong[0]}] is {type(item).__name__}, not a torch.Generator; {allowed}")
+        elif generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: got {type(generator).__name__}; {allowed}")
+        if any(g is not None and g.device.type == "meta" for g in generators):
+            raise ValueError("generator: a meta-device generator draws no numbers; use a cpu or cuda generator.")
+
+    @staticmethod
+    def _check_latents(latents, shape: tuple) -> None:
+        if not isinstance(latents, torch.Tensor):
+            raise TypeError(f"latents: got {type(latents).__name__}; allowed: a torch.Tensor of shape {shape}.")
+        if not latents.is_floating_point():
+            raise ValueError(
+                f"latents: dtype {latents.dtype}; allowed: a floating-point tensor (Gaussian noise, e.g. "
+                "torch.randn), not integers or booleans."
+            )
+        if latents.device.type == "meta":
+            raise ValueError("latents: a meta-device tensor holds no values; pass a cpu or cuda tensor.")
+        if tuple(latents.shape) != shape:
+            raise ValueError(
+                f"latents: shape {tuple(latents.shape)} does not match the expected {shape} "
+                "(batch, transformer.config.in_channels, sample_size, sample_size)."
+            )
+        if not bool(torch.isfinite(latents).all()):
+            raise ValueError("latents: holds NaN or infinite values; allowed: finite initial noise.")
+
+    @property
+    def image_size(self) -> int:
+        """The side in pixels of the images this pipeline makes."""
+        return self.transformer.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def batch_bytes(self, batch_size: int) -> int:
+        """A lower bound on the memory one call of ``batch_size`` images needs: the decoded float32 images and the
+        VAE decoder's full-resolution feature map (both exist at once)."""
+        return batch_size * self.image_size**2 * 4 * (3 + self.vae.config.block_out_channels[0])
+
+    def check_batch_fits(self, batch_size: int, what: str, advice: str) -> None:
+        """Refuses a batch that cannot fit in the execution device's free memory, naming ``what`` set its size."""
+        check_fits(self.batch_bytes(batch_size), what, advice, self._execution_device, error=ValueError)
+
     def prepare_latents(
         self,
         batch_size: int,
@@ -287,28 +389,11 @@ class RepaEPipeline(RepaEHubMixin, DiffusionPipeline, RepaELoraLoaderMixin):
         """Initial noise ``[B, C, S, S]`` in normalised latent space (drawn in float32 like the original)."""
         config = self.transformer.config
         shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
-        generators = generator if isinstance(generator, list) else [generator]
-        if not all(g is None or isinstance(g, torch.Generator) for g in generators):
-            raise TypeError(
-                f"generator: got {type(generator).__name__}; allowed: a torch.Generator (e.g. "
-                "torch.Generator().manual_seed(0)), a list of them, or None."
-            )
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(
-                f"generator: a list of {len(generator)} generators was given for a batch of {batch_size}; "
-                f"allowed: one generator, or a list of exactly {batch_size}."
-            )
+        self._check_generator(generator, batch_size)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        elif not isinstance(latents, torch.Tensor):
-            raise TypeError(f"latents: got {type(latents).__name__}; allowed: a torch.Tensor of shape {shape}.")
-        elif tuple(latents.shape) != shape:
-            raise ValueError(
-                f"latents: shape {tuple(latents.shape)} does not match the expected {shape} "
-                "(batch, transformer.config.in_channels, sample_size, sample_size)."
-            )
-        elif not bool(torch.isfinite(latents).all()):
-            raise ValueError("latents: holds NaN or infinite values; allowed: finite initial noise.")
+        else:
+            self._check_latents(latents, shape)
         return latents.to(device=device, dtype=dtype)
 
     @staticmethod
@@ -429,10 +514,16 @@ class RepaEPipeline(RepaEHubMixin, DiffusionPipeline, RepaELoraLoaderMixin):
         device = self._execution_device
 
         # 2. Labels (and the null class for guidance)
-        label_ids = [i for i in self.get_label_ids(class_labels) for _ in range(num_images_per_prompt)]
+        class_ids = self.get_label_ids(class_labels)
+        batch_size = len(class_ids) * num_images_per_prompt
+        self.check_batch_fits(  # before any list of that size is made
+            batch_size,
+            f"a batch of {batch_size:,} images (class_labels x num_images_per_prompt)",
+            "generate fewer images per call",
+        )
+        label_ids = [i for i in class_ids for _ in range(num_images_per_prompt)]
         labels = torch.tensor(label_ids, device=device, dtype=torch.long)
         null_labels = torch.full_like(labels, self.transformer.config.num_classes)
-        batch_size = len(label_ids)
 
         # 3. Initial noise
         latents = self.prepare_latents(batch_size, sampling_dtype, device, generator, latents)
@@ -480,6 +571,12 @@ class RepaEPipeline(RepaEHubMixin, DiffusionPipeline, RepaELoraLoaderMixin):
                             "(e.g. callback_kwargs, to replace 'latents') or None."
                         )
                     latents = (callback_outputs or {}).pop("latents", latents)
+                    if not isinstance(latents, torch.Tensor) or not bool(torch.isfinite(latents).all()):
+                        raise ValueError(
+                            f"callback_on_step_end returned latents that are not a finite tensor at step {i} "
+                            f"(timestep {float(timestep):g}); allowed: finite latents of the shape it was given, or "
+                            "None / a dict without 'latents' to leave them as they are."
+                        )
 
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % scheduler.order == 0):
                     progress_bar.update()

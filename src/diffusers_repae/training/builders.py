@@ -8,8 +8,10 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
+from ..errors import UserError
 from ..models.discriminator import PatchGANDiscriminator
 from ..recipes import build_component, resolve_recipe
+from ..weight_files import load_weights_into, loading, read_state_dict
 from .losses import VAEReconstructionLoss, load_lpips
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,8 @@ def build_vae_loss(
     if lpips_weight != 0:
         try:
             lpips = load_lpips(lpips_vgg_path).to(device)
+        except UserError:  # a --lpips_vgg_path of the wrong kind: its own line
+            raise
         except Exception as error:  # the download of torchvision's VGG16 fails offline
             raise RuntimeError(
                 "could not load LPIPS' VGG16 backbone; pass --lpips_vgg_path to a local torchvision vgg16 state "
@@ -53,9 +57,11 @@ def load_starting_vae(vae: str | None, recipe: str | Path) -> AutoencoderKL:
         return build_component(recipe, "vae")
     path = Path(vae)
     if (path / "vae" / "config.json").is_file():
-        return AutoencoderKL.from_pretrained(path, subfolder="vae")
+        with loading("--vae", path, "AutoencoderKL"):
+            return AutoencoderKL.from_pretrained(path, subfolder="vae")
     if (path / "config.json").is_file():
-        return AutoencoderKL.from_pretrained(path)
+        with loading("--vae", path, "AutoencoderKL"):
+            return AutoencoderKL.from_pretrained(path)
     try:
         return build_component(resolve_recipe(vae), "vae")  # a recipe name: random weights of that config
     except ValueError as error:
@@ -67,15 +73,15 @@ def load_starting_discriminator(path: str | None, ndf: int = 64, n_layers: int =
     and ``n_layers`` strided blocks."""
     if path is None:
         return PatchGANDiscriminator(ndf=ndf, n_layers=n_layers)
+    expected = f"a PatchGANDiscriminator (ndf {ndf}, {n_layers} layers: --disc_ndf, --disc_layers)"
     if Path(path).is_dir():
-        return PatchGANDiscriminator.from_pretrained(path)
-    if path.endswith(".safetensors") and Path(path).is_file():
-        from safetensors.torch import load_file
-
+        with loading("--discriminator_checkpoint", path, "PatchGANDiscriminator"):
+            return PatchGANDiscriminator.from_pretrained(path)
+    if Path(path).is_file():  # .safetensors, or a tensors-only torch file (never unpickled beyond tensors)
+        state = read_state_dict(path, "--discriminator_checkpoint", f"the weights of {expected}")
         disc = PatchGANDiscriminator(ndf=ndf, n_layers=n_layers)
-        disc.load_state_dict(load_file(path))
-        return disc
-    raise ValueError(f"--discriminator_checkpoint {path!r} is neither a folder nor a .safetensors file.")
+        return load_weights_into(disc, state, "--discriminator_checkpoint", path, f"the weights of {expected}")
+    raise UserError(f"--discriminator_checkpoint {path!r} is neither a folder nor a .safetensors file.")
 
 
 def latent_size(vae, resolution: int) -> int:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from ..disk import writing
 from ..errors import UserError
 from ..run_lock import LOCK_NAME
 
@@ -161,7 +162,8 @@ def save_checkpoint(
         if temporary.exists():
             shutil.rmtree(temporary)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
+    with writing(final, temporary if accelerator.is_main_process else None):  # a full disk: one line, no .tmp left
+        accelerator.save_state(str(temporary))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():  # the same step saved twice: replace only once the new copy is complete
@@ -287,8 +289,10 @@ def save_project_state(objects: dict, folder: str | Path, write: bool = True) ->
     if write:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(folder / f"{PROJECT_STATE}.safetensors"), metadata={"format": "pt"})
-        (folder / f"{PROJECT_STATE}.json").write_text(json.dumps(tree, indent=1))
+        files = [folder / f"{PROJECT_STATE}.safetensors", folder / f"{PROJECT_STATE}.json"]
+        with writing(folder, *files):
+            save_file(tensors, str(files[0]), metadata={"format": "pt"})
+            files[1].write_text(json.dumps(tree, indent=1))
 
 
 def read_project_state(folder: str | Path) -> dict:

@@ -51,11 +51,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import UserError
 from .images import BadImageError, SkipCounter, adm_center_crop, decode_image, image_to_tensor
 
 # Hub ImageNet at the two resolutions the paper uses; own data may use any multiple of 16.
 IMAGENET_RESOLUTIONS = (256, 512)
 DEFAULT_SHUFFLE_BUFFER = 10_000
+DEFAULT_LABEL_COLUMN = "label"  # the one label column that may be missing (then: one class)
 
 
 def _flip_decision(seed: int, epoch: int, index: int) -> bool:
@@ -328,6 +330,24 @@ def check_resolution(resolution: int, imagenet: bool = False) -> None:
         raise ValueError(f"resolution must be a positive multiple of 16, got {resolution!r}.")
 
 
+def _check_columns(features, image_column: str, label_column: str | None, source: str) -> None:
+    """A column the dataset does not have is refused, naming it and the columns there are. Only the default label
+    column may be missing (an image folder without class subfolders: one class); a mistyped one would silently
+    train a single class."""
+    if features is None:  # a stream that does not announce its columns: a wrong name fails at the first row
+        return
+    columns = sorted(features)
+    if image_column not in features:
+        raise UserError(
+            f"--image_column {image_column!r} is not a column of {source}; its columns are {columns}: pass one."
+        )
+    if label_column is not None and label_column != DEFAULT_LABEL_COLUMN and label_column not in features:
+        raise UserError(
+            f"--label_column {label_column!r} is not a column of {source}; its columns are {columns}: pass one of "
+            f"them (or leave the flag out: without a {DEFAULT_LABEL_COLUMN!r} column every image is one class)."
+        )
+
+
 def _label_info(features, label_column: str | None) -> tuple[int, dict[int, str]]:
     """Class count and names from a ClassLabel column; a missing column means one class."""
     if label_column is None or features is None or label_column not in features:
@@ -403,6 +423,7 @@ def load_training_dataset(
         if streaming:
             hf_dataset = hf_dataset.to_iterable_dataset(num_shards=max(num_processes, 1))
         label_column, attribution = embedded_label_by, OPENMOJI_ATTRIBUTION
+    _check_columns(hf_dataset.features, image_column, label_column, source)
     num_classes, id2label = _label_info(hf_dataset.features, label_column)
     if label_column is not None and hf_dataset.features is not None and label_column not in hf_dataset.features:
         label_column = None  # e.g. an image folder without class subfolders: one class

@@ -17,11 +17,14 @@ model``); its stride-16 feature map (112 channels) gives the tokens, and the inp
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from ..weight_files import load_weights_into, loading, read_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -207,15 +210,25 @@ def load_efficientnet_lite0(num_tokens: int, weights_path: str | Path | None = N
     model = EfficientNet.from_name("efficientnet-lite0", image_size=input_size)
     path = Path(weights_path) if weights_path is not None else efficientnet_lite0_weights_path()
     # The package's own loader calls torch.load without weights_only; load the plain state dict safely here.
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+    flag, expected = "--encoder_paths (efficientnet-lite0)", "EfficientNet-Lite0 ImageNet weights (a state dict)"
+    load_weights_into(model, read_state_dict(path, flag, expected), flag, path, expected)
     z_dim = _efficientnet_stride16(model.eval(), torch.zeros(1, 3, input_size, input_size)).shape[1]
     spec = ENCODER_SPECS["efficientnet-lite0"]
     return VisionEncoder("efficientnet-lite0", model, z_dim, num_tokens, input_size, spec.mean, spec.std, spec.family)
 
 
-def _transformers_encoder(name: str, source: str, resolution: int, num_tokens: int) -> VisionEncoder:
-    """A transformers ViT encoder from a Hub id or local folder, its position table resampled to the token grid."""
+def _transformers_encoder(
+    name: str, source: str, resolution: int, num_tokens: int, local: bool = False
+) -> VisionEncoder:
+    """A transformers ViT encoder from a Hub id or local folder (``local``: given by --encoder_paths, whose files
+    of the wrong kind are one line naming it), its position table resampled to the token grid."""
+    context = loading(f"--encoder_paths ({name})", source, f"{name} model folder") if local else nullcontext()
+    with context:
+        loaded = _transformers_model(name, source)
+    return _fit_to_grid(name, loaded, resolution, num_tokens)
+
+
+def _transformers_model(name: str, source: str) -> tuple[torch.nn.Module, int]:
     from transformers import (
         AutoConfig,
         CLIPVisionModel,
@@ -244,6 +257,12 @@ def _transformers_encoder(name: str, source: str, resolution: int, num_tokens: i
         num_prefix = 0
     else:  # pragma: no cover - guarded by ENCODER_SPECS
         raise ValueError(f"unknown encoder family {spec.family!r}.")
+    return model, num_prefix
+
+
+def _fit_to_grid(name: str, loaded: tuple[torch.nn.Module, int], resolution: int, num_tokens: int) -> VisionEncoder:
+    spec = ENCODER_SPECS[name]
+    model, num_prefix = loaded
     patch = model.config.patch_size
     input_size = round(224 * resolution / 256) if spec.input_scale else resolution
     if input_size % patch:
@@ -316,9 +335,8 @@ def load_vision_encoders(
         if name == "efficientnet-lite0":
             encoder = load_efficientnet_lite0(num_tokens, local_paths.get(name))
         else:
-            encoder = _transformers_encoder(
-                name, str(local_paths.get(name, ENCODER_SPECS[name].hub_id)), resolution, num_tokens
-            )
+            source = local_paths.get(name, ENCODER_SPECS[name].hub_id)
+            encoder = _transformers_encoder(name, str(source), resolution, num_tokens, local=name in local_paths)
         encoder.autocast_dtype = autocast_dtype
         encoders.append(encoder.to(device=device, dtype=dtype))
     return encoders

@@ -32,12 +32,15 @@ def load_vae(name_or_path: str | Path, seed: int = 0, subfolder: str | None = No
     from diffusers import AutoencoderKL
 
     from ..recipes import build_component, list_recipes
+    from ..weight_files import loading
 
     path = Path(name_or_path)
     if (path / "config.json").is_file() and subfolder is None:
-        return AutoencoderKL.from_pretrained(path)
+        with loading("--vae", path, "AutoencoderKL"):
+            return AutoencoderKL.from_pretrained(path)
     if (path / "vae" / "config.json").is_file():
-        return AutoencoderKL.from_pretrained(path, subfolder=subfolder or "vae")
+        with loading("--vae", path, "AutoencoderKL"):
+            return AutoencoderKL.from_pretrained(path, subfolder=subfolder or "vae")
     if str(name_or_path) in list_recipes():
         torch.manual_seed(seed)
         return build_component(str(name_or_path), "vae")

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..weight_files import WeightFileError, load_weights_into, read_state_dict
+
 PATH_TYPES = ("linear", "cosine")
 WEIGHTINGS = ("uniform", "lognormal")
 # "correct": LPIPS gets [-1, 1], the range it expects. "original": REPA-E's LPIPS maps its [-1, 1] input by
@@ -118,23 +120,19 @@ def load_lpips(vgg_weights_path: str | Path | None = None, pretrained_backbone: 
 
 def _load_vgg_features(net: nn.Module, path: Path) -> None:
     """Copy torchvision ``vgg16`` ``features.{i}.*`` weights into lpips' slices (which keep the indices ``i``)."""
-    if not path.is_file():
-        raise ValueError(f"lpips_vgg_path {str(path)!r} is not a file.")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    expected = "torchvision's vgg16 ImageNet state dict (vgg16-397923af.pth, or a safetensors copy)"
+    state = read_state_dict(path, "--lpips_vgg_path", expected)
     mapped = {}
     for slice_name, block in net.named_children():
         for index, layer in block.named_children():
             for param_name, _ in layer.named_parameters():
                 key = f"features.{index}.{param_name}"
                 if key not in state:
-                    raise ValueError(f"{path} has no {key!r}: expected a torchvision vgg16 state dict.")
+                    raise WeightFileError(
+                        f"--lpips_vgg_path {str(path)!r} is not {expected} (it has no {key!r}): pass {expected}."
+                    )
                 mapped[f"{slice_name}.{index}.{param_name}"] = state[key]
-    net.load_state_dict(mapped, strict=True)
+    load_weights_into(net, mapped, "--lpips_vgg_path", path, expected)
 
 
 class VAEReconstructionLoss(nn.Module):
