@@ -6,6 +6,7 @@ argument, and that nothing on disk changed. Accepted inputs that used to fail (n
 returning None) are catalogued as ``ok`` cases.
 """
 
+import errno
 import importlib.util
 import json
 import pickle
@@ -804,3 +805,137 @@ def test_sample_fid_refuses_to_mix_two_models_at_one_path(tmp_path, capsys):
         run_cli(script("sample_fid").main, [*argv[:5], "2", *argv[6:]])
     assert caught.value.code == 2 and "weights_sha256" in capsys.readouterr().err
     assert snapshot(tmp_path / "samples") == before
+
+
+# ------------------------------------------------------------------ round 3 (issue 25): environment failures
+
+
+def _fill_then_fail(path, *args, **kwargs):
+    """A writer on a full disk: part of the file lands, then ENOSPC."""
+    Path(path).write_bytes(b"partial")
+    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+def _writers():
+    from diffusers_repae.cli import replacing_folder
+    from diffusers_repae.evaluation.generation import save_features
+    from diffusers_repae.evaluation.image_io import save_npz
+    from diffusers_repae.evaluation.sampling import save_sample
+    from diffusers_repae.training.checkpointing import save_project_state
+
+    def folder(out):
+        with replacing_folder(out / "pipe") as staging:
+            (staging / "config.json").write_text("{}")
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    return {
+        "save_npz": ("numpy.savez", lambda out: save_npz(out / "s.npz", np.zeros((1, 4, 4, 3), np.uint8))),
+        "save_features": ("numpy.savez", lambda out: save_features(out / "f.npz", {"pool": np.zeros(2)}, "x")),
+        "save_sample": ("PIL.Image.Image.save", lambda out: save_sample(np.zeros((4, 4, 3), np.uint8), out / "a.png")),
+        "save_project_state": (
+            "safetensors.torch.save_file",
+            lambda out: save_project_state({"m": torch.nn.Linear(1, 1)}, out / "state"),
+        ),
+        "replacing_folder": (None, folder),
+    }
+
+
+@pytest.mark.parametrize("writer", list(_writers()))
+def test_a_full_disk_is_one_line_naming_the_path_and_leaves_no_temporaries(tmp_path, monkeypatch, writer):
+    from diffusers_repae.disk import DiskFullError
+
+    target, write = _writers()[writer]
+    if target == "PIL.Image.Image.save":
+        monkeypatch.setattr(Image.Image, "save", lambda self, path, *a, **k: _fill_then_fail(path))
+    elif target == "safetensors.torch.save_file":
+        monkeypatch.setattr(target, lambda tensors, path, *a, **k: _fill_then_fail(path))
+    elif target is not None:
+        monkeypatch.setattr(target, _fill_then_fail)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(DiskFullError, match=r"the disk is full at '.*out.*' \(no space left .*\): free some space"):
+        write(out)
+    leftovers = [p.name for p in out.rglob("*") if p.is_file()]
+    assert leftovers == [], leftovers  # no .tmp, no partial file, no staging folder
+
+
+def test_a_full_disk_while_saving_a_checkpoint_leaves_no_tmp_folder(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    from diffusers_repae.disk import DiskFullError
+    from diffusers_repae.training.checkpointing import save_checkpoint
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True)
+
+    def save_state(folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"partial")
+        raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(accelerator, "save_state", save_state)
+    with pytest.raises(DiskFullError, match="checkpoint-3"):
+        save_checkpoint(accelerator, tmp_path, 3)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_in_a_command_is_one_line_and_the_rerun_is_not_blocked(ws, tmp_path, monkeypatch, capsys):
+    argv = ["--train_data_dir", str(ws / "images"), "--resolution", "16", "--output", str(tmp_path / "x.npz")]
+    with monkeypatch.context() as patch:
+        patch.setattr("numpy.savez", _fill_then_fail)
+        with pytest.raises(SystemExit) as caught:
+            run_cli(script("dataset_to_npz").main, argv)
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and err.count("error:") == 1 and "Traceback" not in err
+    assert "the disk is full at" in err and "x.npz" in err
+    assert list(tmp_path.iterdir()) == []  # no x.npz.tmp.npz
+    script("dataset_to_npz").main(argv)  # space freed: the same command now works
+    assert (tmp_path / "x.npz").is_file()
+
+
+def test_an_unwrapped_full_disk_error_is_one_line(capsys):
+    def main(argv):
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/out/model.safetensors")
+
+    with pytest.raises(SystemExit) as caught:
+        run_cli(main, [])
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and "the disk is full at '/data/out/model.safetensors'" in err
+
+
+LOCKED = [
+    ("convert_vae_to_diffusers", ["--checkpoint", "{ws}/empty.pt", "--arch", "f8d4", "--output_dir", "{out}"]),
+    ("convert_repae_to_diffusers", ["--checkpoint", "{ws}/empty.pt", "--output_dir", "{out}"]),
+    ("cache_latents", ["--vae", "{ws}/vae", "--train_data_dir", "{ws}/images", "--output_dir", "{out}"]),
+]
+
+
+@pytest.mark.parametrize(("name", "argv"), LOCKED, ids=[c[0] for c in LOCKED])
+def test_a_second_writer_into_a_held_folder_is_refused_in_one_line(ws, tmp_path, capsys, name, argv):
+    import subprocess
+    import sys
+
+    holder_code = (
+        "import sys, types; package = types.ModuleType('diffusers_repae'); "
+        f"package.__path__ = [{str(ROOT / 'src' / 'diffusers_repae')!r}]; sys.modules['diffusers_repae'] = package; "
+        "from diffusers_repae.run_lock import FolderLock; FolderLock(sys.argv[1]).acquire(); "
+        "print('locked', flush=True); sys.stdin.read()"
+    )
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", holder_code, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == b"locked"
+        before = snapshot(tmp_path)
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        with pytest.raises(SystemExit) as caught:
+            run_cli(script(name).main, [a.replace("{ws}", str(ws)).replace("{out}", str(out)) for a in argv])
+        err = capsys.readouterr().err
+        assert caught.value.code == 2 and err.count("error:") == 1 and "Traceback" not in err, err[-2000:]
+        assert f"--output_dir {str(out)!r} is in use by pid {holder.pid}" in err
+        assert snapshot(tmp_path) == before
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
