@@ -46,7 +46,7 @@ def describe_file(path: str | Path) -> str | None:
         return "an empty file (0 bytes)"
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
         return None  # torch.save's zip archive, or a pickle
-    if len(head) > 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < 100_000_000:
+    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < 100_000_000:
         return None  # safetensors
     try:
         text = head.decode("utf-8")
