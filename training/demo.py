@@ -37,7 +37,9 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +48,10 @@ import torch
 from diffusers_repae import RepaEPipeline
 from diffusers_repae.cli import UserError, refuse_moved_flags, refuse_overwrite, run_cli
 from diffusers_repae.evaluation.quick_score import (
-    balanced_samples,
+    balanced_latents,
     cached_reference_features,
     dataset_images,
+    decoded_samples,
     pooled_features,
     reconstructions,
     score_features,
@@ -211,9 +214,14 @@ def gan_flags(args, start: int) -> list[str]:
             str(args.gan_weight)]  # fmt: skip
 
 
-def stage_commands(args, out: Path, precision: str) -> list[list[tuple[str, list[str]]]]:
-    """Groups of (name, command), in order: each reads the folders the earlier groups wrote, and the stages of one
-    group (stage 2 and the decoder stage, which both start from stage 1) may run side by side."""
+Step = tuple[str, "list[str] | Callable[[], None]"]  # (name, a script's command line, or work for this process)
+Lane = list[Step]  # steps run one after the other
+
+
+def stage_commands(args, out: Path, precision: str) -> list[list[Lane]]:
+    """Groups of lanes, in order: each group reads the folders the earlier groups wrote, and the lanes of one group
+    run side by side (the latent cache then stage 2 in one lane, the decoder stage in the other: both start from
+    stage 1)."""
     stage1, latents, stage2, stage3 = (
         out / name for name in ("stage1-repae", "latents", "stage2-ldm", "stage3-decoder")
     )
@@ -237,9 +245,9 @@ def stage_commands(args, out: Path, precision: str) -> list[list[tuple[str, list
         "--learning_rate", str(args.learning_rate), "--lr_scheduler", "linear", "--lr_warmup_steps", "0",
         *run_flags(args, stage2, args.stage2_steps, precision),
     ])  # fmt: skip
-    prepare = [] if args.streaming else [[cache]]
+    ldm_lane = [stage_2] if args.streaming else [cache, stage_2]
     if not args.decoder_steps:
-        return [[stage_1], *prepare, [stage_2]]
+        return [[[stage_1]], [ldm_lane]]
     stage_3 = ("stage 3: the decoder on the frozen encoder", [
         "train_vae.py", "--vae", str(stage1), "--freeze_encoder", "--decoder_latent_noise",
         str(args.decoder_latent_noise), "--no_lpips", *gan_flags(args, args.decoder_gan_start),
@@ -247,43 +255,70 @@ def stage_commands(args, out: Path, precision: str) -> list[list[tuple[str, list
         "--lr_decay_start", str(args.decoder_gan_start), "--vae_learning_rate", str(args.vae_learning_rate),
         *run_flags(args, stage3, args.decoder_steps, precision),
     ])  # fmt: skip
-    return [[stage_1], *prepare, [stage_2, stage_3]]
+    return [[[stage_1]], [ldm_lane, [stage_3]]]
 
 
-def run_stages(stages: list[tuple[str, list[str]]], out: Path) -> dict[str, float]:
-    """Runs stages that do not depend on each other side by side, each script in its own process sharing the cores
-    (a lone stage gets them all and prints to the terminal; side by side, each writes ``out/<its folder>.log``).
-    Returns each stage's wall time in minutes; a failed stage stops the others."""
-    side_by_side = len(stages) > 1
-    threads = max(1, (os.cpu_count() or 1) // len(stages))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if side_by_side else None
-    running = {}
-    try:
-        for name, command in stages:
-            print(f"      {name}: python training/{' '.join(command)}", flush=True)
-            log = None
-            if side_by_side:
-                path = out / f"{Path(command[command.index('--output_dir') + 1]).name}.log"
-                print(f"        (side by side, {threads} thread(s) each; log: {path})")
-                log = path.open("w")
-            command_line = [sys.executable, str(SCRIPTS / command[0]), *command[1:]]
-            process = subprocess.Popen(command_line, env=env, stdout=log, stderr=subprocess.STDOUT if log else None)
-            running[name] = (process, time.perf_counter(), log)
-        minutes = {}
-        for name, (process, start, log) in running.items():
+def run_lanes(lanes: list[Lane], out: Path) -> dict[str, float]:
+    """Runs the lanes side by side, sharing the cores (a lone lane gets them all and prints to the terminal; side by
+    side, each script writes ``out/<its folder>.log`` and this process's own work gets one lane's share). Returns
+    each step's wall time in minutes; a failed step stops every lane."""
+    threads = max(1, (os.cpu_count() or 1) // len(lanes))
+    side_by_side = len(lanes) > 1
+    minutes, failures, running = {}, [], []
+    stopped = threading.Event()
+
+    def run_script(name: str, command: list[str]) -> None:
+        print(f"      {name}: python training/{' '.join(command)}", flush=True)
+        log_path = out / f"{Path(command[command.index('--output_dir') + 1]).name}.log" if side_by_side else None
+        if log_path:
+            print(f"        (side by side, {threads} thread(s); log: {log_path})", flush=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if side_by_side else None
+        with open(log_path or os.devnull, "w") as log:
+            output = {"stdout": log, "stderr": subprocess.STDOUT} if log_path else {}
+            process = subprocess.Popen([sys.executable, str(SCRIPTS / command[0]), *command[1:]], env=env, **output)
+            running.append(process)
             status = process.wait()
-            minutes[name] = round((time.perf_counter() - start) / 60, 2)
-            if status != 0:
-                where = f"its log is {log.name}" if log else "its output is above"
-                raise UserError(f"{name} failed (exit status {status}); {where}.")
-        return minutes
+        if status != 0 and not stopped.is_set():
+            where = f"its log is {log_path}" if log_path else "its output is above"
+            raise UserError(f"{name} failed (exit status {status}); {where}.")
+
+    def run_lane(lane: Lane) -> None:
+        for name, work in lane:
+            if stopped.is_set():
+                return
+            began = time.perf_counter()
+            try:
+                if callable(work):
+                    print(f"      {name} (in this process)", flush=True)
+                    work()
+                else:
+                    run_script(name, work)
+            except BaseException as error:  # noqa: BLE001 - the main thread re-raises it
+                failures.append(error)
+                stopped.set()
+                return
+            minutes[name] = round((time.perf_counter() - began) / 60, 2)
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    workers = [threading.Thread(target=run_lane, args=(lane,), daemon=True) for lane in lanes]
+    try:
+        for worker in workers:
+            worker.start()
+        while any(worker.is_alive() for worker in workers) and not stopped.wait(0.5):
+            pass
     finally:
-        for process, _, log in running.values():
+        stopped.set()  # a failure or Ctrl-C: no lane starts another step, and running scripts are stopped
+        for process in running:
             if process.poll() is None:
                 process.kill()
                 process.wait()
-            if log:
-                log.close()
+        torch.set_num_threads(previous_threads)
+    for worker in workers:  # not reached on Ctrl-C: this process's own work is left to end with it
+        worker.join()
+    if failures:
+        raise failures[0]
+    return minutes
 
 
 def compose_pipeline(out: Path, args) -> Path:
@@ -408,24 +443,40 @@ def main(argv: list[str] | None = None) -> dict:
         "      NOTE: no LPIPS term (VGG16 weights are not available offline); the GAN term only in the decoder stage."
     )
     print(f"      precision: {'bf16 autocast' if precision == 'bf16' else 'fp32'}; {torch.get_num_threads()} threads")
-    stage_minutes = {}
-    train_start = time.perf_counter()
-    for stages in stage_commands(args, out, precision):
-        stage_minutes.update(run_stages(stages, out))
-    pipeline_dir = compose_pipeline(out, args)
-    train_minutes = (time.perf_counter() - train_start) / 60
-
-    print("[3/4] sampling and scoring against the training images ...", flush=True)
-    pipe = RepaEPipeline.from_pretrained(pipeline_dir)
-    pipe.set_progress_bar_config(disable=True)
     call = {
         "num_inference_steps": args.num_inference_steps,
         "guidance_scale": args.guidance_scale,
         "sampler": args.sampler,
     }
-    samples, labels = balanced_samples(pipe, args.num_eval_samples, seed=args.seed, **call)
+    prepared = {}  # what this process prepares for the scores while the decoder stage still trains
+
+    # read here, in the main thread: a stream's file system objects are per thread, and copying one in another
+    # thread changes what is being copied
     reference, reference_labels = dataset_images(data.dataset, limit=args.num_reference_images)
-    extractor, reference_features = cached_reference_features(reference)
+
+    def reference_features() -> None:
+        prepared["extractor"], prepared["features"] = cached_reference_features(reference)
+
+    def sample_latents() -> None:
+        # the SiT is final after stage 2; only the decoder of the composed pipeline is still training
+        pipe = RepaEPipeline.from_pretrained(out / "stage2-ldm")
+        pipe.set_progress_bar_config(disable=True)
+        prepared["latents"], prepared["labels"] = balanced_latents(pipe, args.num_eval_samples, args.seed, **call)
+
+    groups = stage_commands(args, out, precision)
+    groups[-1][0] += [("reference features of the training images", reference_features),
+                      ("the samples' latents from the stage-2 SiT", sample_latents)]  # fmt: skip
+    stage_minutes = {}
+    train_start = time.perf_counter()
+    for lanes in groups:
+        stage_minutes.update(run_lanes(lanes, out))
+    pipeline_dir = compose_pipeline(out, args)
+    train_minutes = (time.perf_counter() - train_start) / 60
+
+    print("[3/4] decoding the samples and scoring them against the training images ...", flush=True)
+    pipe = RepaEPipeline.from_pretrained(pipeline_dir)
+    samples, labels = decoded_samples(pipe, prepared["latents"]), prepared["labels"]
+    extractor, reference_features = prepared["extractor"], prepared["features"]
     scores = score_features(reference_features, pooled_features(extractor, samples))
     # the VAE alone, on as many training images as samples: the bound its reconstructions put on the samples
     reconstructed_ids = np.random.default_rng(args.seed).permutation(len(reference))[: len(samples)]
@@ -441,7 +492,7 @@ def main(argv: list[str] | None = None) -> dict:
         "resolution": args.resolution,
         "sampler": {"name": args.sampler, **{k: v for k, v in call.items() if k != "sampler"}},
         "seed": args.seed,
-        "stage_minutes": stage_minutes,
+        "stage_minutes": stage_minutes,  # with this process's work beside the decoder stage
         "train_minutes": round(train_minutes, 2),
     }
 
@@ -455,7 +506,8 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
     print()
-    print(f"done in {metrics['total_minutes']:.1f} min (training {train_minutes:.1f} min)")
+    print(f"done in {metrics['total_minutes']:.1f} min (the stages, with the scores' preparation beside them: "
+          f"{train_minutes:.1f} min)")  # fmt: skip
     for name, minutes in stage_minutes.items():
         print(f"      {minutes:5.1f} min  {name}")
     print(

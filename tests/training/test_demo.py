@@ -62,7 +62,7 @@ def test_demo_writes_its_report(demo_run):
     vae_alone = saved["vae_reconstructions"]
     assert vae_alone["num_images"] == 10 and np.isfinite(vae_alone["FD-EfficientNetLite0"])
     assert 0 <= vae_alone["precision-EfficientNetLite0"] <= 1
-    assert len(saved["stage_minutes"]) == 4 and saved["train_minutes"] <= saved["total_minutes"]
+    assert len(saved["stage_minutes"]) == 6 and saved["train_minutes"] <= saved["total_minutes"]  # 4 + 2 in-process
     logs = (out / "stage2-ldm.log").read_text(), (out / "stage3-decoder.log").read_text()  # side by side
     assert "LDM training" in logs[0] and "VAE training" in logs[1]
     assert (out / "pipeline" / "model_index.json").is_file()
@@ -129,8 +129,9 @@ def test_demo_refuses_to_overwrite_a_finished_demo(demo_run, capsys):
 def test_the_stages_get_the_recipes_settings():
     args = demo.parse_args([])
     groups = demo.stage_commands(args, Path("out"), "no")
-    assert [len(group) for group in groups] == [1, 1, 2]  # stage 2 and the decoder stage side by side
-    commands = dict(item for group in groups for item in group)
+    # stage 1 alone, then two lanes side by side: the latent cache and stage 2, and the decoder stage
+    assert [[len(lane) for lane in lanes] for lanes in groups] == [[1], [2, 1]]
+    commands = dict(step for lanes in groups for lane in lanes for step in lane)
     stage1, cache, stage2, stage3 = commands.values()
 
     def value(command, flag):
@@ -144,7 +145,30 @@ def test_the_stages_get_the_recipes_settings():
     assert value(stage3, "--disc_start") == value(stage3, "--lr_decay_start") == "1000"
     assert value(stage3, "--vae") == str(Path("out/stage1-repae"))
     no_decoder = demo.stage_commands(demo.parse_args(["--decoder_steps", "0"]), Path("out"), "no")
-    assert [name for group in no_decoder for name, _ in group] == list(commands)[:3]
+    assert [name for lanes in no_decoder for lane in lanes for name, _ in lane] == list(commands)[:3]
+
+
+def test_lanes_run_side_by_side_and_a_failure_stops_them_all():
+    import threading
+
+    from diffusers_repae.cli import UserError
+
+    order, other_lane_started = [], threading.Event()
+
+    def waits_for_the_other_lane():  # would time out if the lanes ran one after the other
+        assert other_lane_started.wait(timeout=30)
+        order.append("a1")
+
+    def fails():
+        other_lane_started.set()
+        raise UserError("broken")
+
+    lanes = [[("a1", waits_for_the_other_lane), ("a2", lambda: order.append("a2"))], [("b1", fails)]]
+    with pytest.raises(UserError, match="broken"):
+        demo.run_lanes(lanes, Path("unused"))
+    assert "a2" not in order  # the failure stopped lane a before its next step
+    minutes = demo.run_lanes([[("x", lambda: order.append("x")), ("y", lambda: order.append("y"))]], Path("unused"))
+    assert order[-2:] == ["x", "y"] and list(minutes) == ["x", "y"]
 
 
 @pytest.mark.parametrize(
@@ -184,7 +208,7 @@ def test_demo_streams_a_hub_dataset(tmp_path, monkeypatch):
     ]  # fmt: skip
     reset_accelerate()
     metrics = demo.main(argv)
-    assert metrics["num_reference_images"] == 12 and len(metrics["stage_minutes"]) == 2  # no latent cache
+    assert metrics["num_reference_images"] == 12 and len(metrics["stage_minutes"]) == 4  # no latent cache
     assert not (out / "latents").exists()
     assert "Latents encoded on the fly" in (out / "stage2-ldm" / "README.md").read_text()
     pipe = RepaEPipeline.from_pretrained(out / "pipeline")

@@ -49,13 +49,29 @@ def balanced_samples(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(images uint8 [N, H, W, 3], labels [N])``: every class of ``pipe`` in turn, as evenly as ``num_samples``
     allows; the remaining ``pipe(...)`` arguments (steps, guidance, sampler) pass through."""
+    latents, labels = balanced_latents(pipe, num_samples, seed, batch_size, **call_kwargs)
+    return decoded_samples(pipe, latents, batch_size), labels
+
+
+def balanced_latents(
+    pipe, num_samples: int, seed: int = 0, batch_size: int = 128, **call_kwargs
+) -> tuple[torch.Tensor, np.ndarray]:
+    """The normalised latents of `balanced_samples` (same labels, same noise), before decoding: a diffusion model
+    can sample them while another VAE decoder is still training (`decoded_samples` then decodes them with it)."""
     labels = sample_labels(num_samples, len(pipe.id2label), mode="balanced")
     indices = list(range(num_samples))
-    images = [
-        generate_batch(pipe, indices[start : start + batch_size], labels, seed, **call_kwargs)
+    latents = [
+        generate_batch(pipe, indices[start : start + batch_size], labels, seed, output_type="latent", **call_kwargs)
         for start in range(0, num_samples, batch_size)
     ]
-    return np.concatenate(images), labels
+    return torch.cat(latents), labels
+
+
+def decoded_samples(pipe, latents: torch.Tensor, batch_size: int = 128) -> np.ndarray:
+    """uint8 ``[N, H, W, 3]`` images of normalised ``latents``, decoded by ``pipe.vae`` as ``pipe(...)`` does."""
+    with torch.no_grad():
+        parts = [pipe.to_uint8(pipe.decode_latents(batch)) for batch in latents.split(batch_size)]
+    return np.concatenate(parts)
 
 
 def score_features(reference: np.ndarray, samples: np.ndarray, k: int = 3) -> dict[str, float]:

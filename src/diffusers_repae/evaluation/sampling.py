@@ -109,15 +109,20 @@ def generate_batch(
     indices: Sequence[int],
     labels: np.ndarray,
     seed: int,
+    output_type: str = "uint8",
     **call_kwargs,
-) -> np.ndarray:
-    """uint8 [B, H, W, 3] images for the given global indices; one generator per sample (see module docstring)."""
+) -> np.ndarray | torch.Tensor:
+    """uint8 [B, H, W, 3] images for the given global indices, one generator per sample (see module docstring); with
+    ``output_type="latent"``, their normalised latents instead (the same noise, not yet decoded)."""
     device = pipe._execution_device
     generators = [sample_generator(seed, i, device) for i in indices]
     output = pipe(
-        class_labels=[int(labels[i]) for i in indices], generator=generators, output_type="pt", **call_kwargs
+        class_labels=[int(labels[i]) for i in indices],
+        generator=generators,
+        output_type="latent" if output_type == "latent" else "pt",
+        **call_kwargs,
     )
-    return pipe.to_uint8(output.images)
+    return output.images if output_type == "latent" else pipe.to_uint8(output.images)
 
 
 def run_sampling(
