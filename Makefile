@@ -40,7 +40,7 @@ style: install
 bench: install
 	$(PY) benchmarks/run_all.py
 
-# vanilla / REPA / REPA-E from one VAE, 3 seeds, into study/ (38 min on 2 cores; to redo: $(PY) benchmarks/ablation.py --overwrite)
+# the mechanism study: six arms from one VAE, 3 seeds, into study/ (docs/study.md; to redo: $(PY) benchmarks/ablation.py --overwrite)
 study: install
 	$(PY) benchmarks/ablation.py
 

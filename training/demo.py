@@ -289,7 +289,10 @@ def run_lanes(lanes: list[Lane], out: Path) -> dict[str, float]:
             began = time.perf_counter()
             try:
                 if callable(work):
-                    print(f"      {name} (in this process)", flush=True)
+                    # this process's share of the cores: all of those the finished lanes left
+                    share = max(1, (os.cpu_count() or 1) // sum(worker.is_alive() for worker in workers))
+                    torch.set_num_threads(share)
+                    print(f"      {name} (in this process, {share} thread(s))", flush=True)
                     work()
                 else:
                     run_script(name, work)

@@ -23,6 +23,7 @@ from diffusers_repae import LatentBatchNorm, RepaEPipeline, build_component, loa
 from diffusers_repae import training_args as flags
 from diffusers_repae.cli import non_negative_float, refuse_moved_flags, unit_interval
 from diffusers_repae.schedulers import scheduler_for_path_type
+from diffusers_repae.training.ablation_steps import check_naive_end_to_end_setup, naive_end_to_end_step
 from diffusers_repae.training.builders import (
     build_vae_loss,
     enable_gradient_checkpointing,
@@ -108,6 +109,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     flags.add_vae_loss_args(parser)
     flags.add_sit_training_args(parser, tracker_project_name="train_repae")
     flags.add_data_args(parser)
+    research = parser.add_argument_group("ablation (research only: NOT REPA-E)")
+    research.add_argument(
+        "--ablation",
+        choices=["naive_e2e"],
+        default=None,
+        help="naive_e2e: the paper's negative control, for benchmarks/ablation.py: the SiT's denoising loss flows "
+        "into the VAE (no stop-gradient) and the alignment loss does not, which is expected to collapse the latent "
+        "space. Never train a model with it. One process, no gradient accumulation.",
+    )
     refuse_moved_flags(argv, MOVED_FLAGS, "an option of train_repae.py")
     args = parser.parse_args(argv)
 
@@ -149,6 +159,12 @@ def model_card(args, data, num_params: dict[str, int], global_step: int, global_
         "```",
         "",
     ]
+    if args.ablation:
+        lines += [
+            f"**ABLATION, NOT REPA-E** (`--ablation {args.ablation}`): the SiT's denoising loss trained the VAE "
+            "(no stop-gradient) and the alignment loss did not; a negative control, not a model to use.",
+            "",
+        ]
     if args.lpips_weight == 0:
         lines += [
             "**The VAE was trained without the LPIPS perceptual term** (`--lpips_weight 0`): torchvision's VGG16 "
@@ -289,8 +305,14 @@ def main(argv: list[str] | None = None) -> Path:
         f"{run.max_train_steps} steps"
     )
 
-    def step_fn(batch: dict, step: int) -> dict:
-        return train_step(accelerator, models, hp, batch, generators.generator, step)
+    step = train_step
+    if args.ablation == "naive_e2e":
+        check_naive_end_to_end_setup(accelerator.num_processes, run.gradient_accumulation_steps)
+        logger.warning("ABLATION --ablation naive_e2e: NOT REPA-E (denoising loss into the VAE, no alignment)")
+        step = naive_end_to_end_step
+
+    def step_fn(batch: dict, step_index: int) -> dict:
+        return step(accelerator, models, hp, batch, generators.generator, step_index)
 
     def validate(step: int) -> None:
         pipeline = build_pipeline(args, accelerator, models, data)

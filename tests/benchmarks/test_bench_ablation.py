@@ -1,4 +1,5 @@
-"""benchmarks/ablation.py smoke test: 2 arms x 1 seed x 2 steps on tiny data; the outputs' structure, no numbers."""
+"""benchmarks/ablation.py smoke tests: every arm x 1 seed x 2 steps on tiny data (the outputs' structure, no quality
+numbers), and the latent-patch spectrum against a computation written here."""
 
 import importlib.util
 import json
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tiny_setup import write_tiny_setup
@@ -26,38 +28,103 @@ def tiny(tmp_path_factory):
     return write_tiny_setup(tmp_path_factory.mktemp("study"), images_per_class=4, side=32)
 
 
-def test_two_arms_one_seed(tiny):
+def test_every_arm_one_seed(tiny):
     ablation = _load_ablation()
     out = tiny / "out"
     argv = [
         "--recipe", str(tiny / "recipe"), "--train_data_dir", str(tiny / "images"), "--resolution", "32",
-        "--arms", "vanilla", "repae", "--seeds", "3", "--steps", "2", "--eval_every", "2", "--vae_steps", "1",
+        "--seeds", "3", "--steps", "2", "--eval_every", "2", "--vae_steps", "1",
         "--num_eval_samples", "4", "--num_inference_steps", "2", "--train_batch_size", "4", "--lr_warmup_steps", "1",
         "--output_dir", str(out),
     ]  # fmt: skip
     ablation.main(argv)
 
     results = json.loads((out / "results.json").read_text())
+    arms = ["vanilla", "repa", "repae", "naive_e2e", "dropin_e2e", "dropin_control"]
     assert results["config"]["steps"] == 2 and results["config"]["seeds"] == [3]
     assert results["config"]["vae"] == str(out / "vae")  # trained by train_vae.py in the same command
     assert (out / "vae" / "config.json").is_file()
-    assert set(results["arms"]) == {"vanilla", "repae"}
-    for arm in ("vanilla", "repae"):
+    assert list(results["arms"]) == arms
+    final = {arm: results["arms"][arm]["3"][-1] for arm in arms}
+    for arm in arms:
         records = results["arms"][arm]["3"]
         assert [r["step"] for r in records] == [2]
         for record in records:
-            for key in ("fd", "precision", "recall", "alignment_cos", "recon_l1", "images_per_s", "train_wall_s"):
+            for key in ("fd", "precision", "recall", "alignment_cos", "recon_l1", "recon_fd", "effective_rank"):
                 assert np.isfinite(record[key]), (arm, key)
             assert 0 <= record["precision"] <= 1 and 0 <= record["recall"] <= 1
             assert len(record["latent_mean"]) == len(record["latent_std"]) == 4
+            # 4 channels x 2 x 2 patches: 16 eigenvalues, summing to 1, effective rank between 1 and 16
+            assert len(record["latent_spectrum"]) == 16 and abs(sum(record["latent_spectrum"]) - 1) < 1e-3
+            assert 1 <= record["effective_rank"] <= 16
         assert set(results["summary"][arm]["fd"]) == {"median", "min", "max"}
-    # the frozen-VAE arm keeps the starting VAE; the end-to-end arm trained it
-    assert results["arms"]["vanilla"]["3"][0]["recon_l1"] != results["arms"]["repae"]["3"][0]["recon_l1"]
+        assert set(results["summary"][arm]["effective_rank"]) == {"median", "min", "max"}
+    # frozen-VAE arms keep their VAE; the end-to-end arms trained theirs; dropin_e2e uses the repae arm's VAE and
+    # dropin_control a VAE trained further by train_vae.py
+    assert final["vanilla"]["recon_l1"] == final["repa"]["recon_l1"]
+    assert final["repae"]["recon_l1"] != final["vanilla"]["recon_l1"] != final["naive_e2e"]["recon_l1"]
+    assert final["dropin_e2e"]["recon_l1"] == final["repae"]["recon_l1"]
+    assert final["dropin_control"]["recon_l1"] != final["vanilla"]["recon_l1"]
+    assert (out / "runs" / "control-vae-seed3" / "config.json").is_file()
+    assert "ABLATION, NOT REPA-E" in (out / "runs" / "naive_e2e-seed3" / "README.md").read_text()
     assert Image.open(out / "fd_vs_step.png").size[0] > 100
+    assert Image.open(out / "diagnostics_vs_step.png").size[0] > 100
     assert "| vanilla" in (out / "results.md").read_text()
+    claims = (out / "claims.md").read_text()
+    rows = [line for line in claims.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 8 and "--arms repae naive_e2e" in claims  # a header and a row per claim
 
     with pytest.raises(ValueError, match="--overwrite"):  # a finished study is never written over silently
         ablation.main(argv)
+
+    # --extend: the same study to 4 steps, fewer arms; earlier records kept, the drop-in arm starts over
+    steps = argv.index("--steps") + 1
+    extended = [*argv[:steps], "4", *argv[steps + 1 :], "--extend", "--arms", "vanilla", "repae", "dropin_e2e"]
+    with pytest.raises(ValueError, match="same --eval_every"):
+        ablation.main([*extended, "--eval_every", "1"])
+    ablation.main(extended)
+    longer = json.loads((out / "results.json").read_text())
+    assert longer["config"]["steps"] == 4 and longer["config"]["extended_from_steps"] == 2
+    assert list(longer["arms"]) == ["vanilla", "repae", "dropin_e2e"]
+    for arm in ("vanilla", "repae"):
+        records = longer["arms"][arm]["3"]
+        assert [r["step"] for r in records] == [2, 4] and records[0] == results["arms"][arm]["3"][0]
+    assert [r["step"] for r in longer["arms"]["dropin_e2e"]["3"]] == [2, 4]
+    assert longer["arms"]["dropin_e2e"]["3"][-1]["recon_l1"] == longer["arms"]["repae"]["3"][-1]["recon_l1"]
+
+
+def test_arm_names_and_their_dependencies(tiny):
+    ablation = _load_ablation()
+    base = ["--train_data_dir", str(tiny / "images")]
+    assert ablation.parse_args([*base, "--arms", "dropin_start", "vanilla"]).arms == ["vanilla", "repa"]
+    with pytest.raises(ValueError, match="dropin_e2e needs repae"):
+        ablation.parse_args([*base, "--arms", "dropin_e2e"])
+
+
+def test_claim_verdicts_follow_the_seed_ranges():
+    ablation = _load_ablation()
+    assert ablation.verdict([1, 2, 3], [4, 5, 6], lower_is_better=True) == "holds"
+    assert ablation.verdict([4, 5, 6], [1, 2, 3], lower_is_better=True) == "does not hold"
+    assert ablation.verdict([1, 5], [4, 6], lower_is_better=True).startswith("inconclusive")
+    assert ablation.verdict([4, 5, 6], [1, 2, 3], lower_is_better=False) == "holds"
+
+
+def test_patch_spectrum_against_a_direct_computation():
+    ablation = _load_ablation()
+    latents = torch.randn(6, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    latents[:, 1] = 0.5 * latents[:, 0] + 0.1 * latents[:, 1]  # correlated channels: not isotropic
+    vectors = np.array([
+        latents[n, :, y : y + 2, x : x + 2].numpy().reshape(-1)
+        for n in range(6) for y in (0, 2) for x in (0, 2)
+    ])  # fmt: skip
+    eigenvalues = np.sort(np.linalg.eigvalsh(np.cov(vectors, rowvar=False)))[::-1].clip(min=0)
+    share = eigenvalues / eigenvalues.sum()
+    expected_rank = np.exp(-(share[share > 0] * np.log(share[share > 0])).sum())
+    spectrum, rank = ablation.patch_spectrum(latents)
+    np.testing.assert_allclose(spectrum.numpy(), share, atol=1e-10)
+    assert rank == pytest.approx(expected_rank, rel=1e-9)
+    one_direction = torch.ones(4, 2, 4, 4) * torch.randn(4, 1, 1, 1)  # every patch a multiple of one vector
+    assert ablation.patch_spectrum(one_direction)[1] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_segments_end_every_k_steps_and_at_the_last():

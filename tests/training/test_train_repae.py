@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from diffusers_repae import LatentBatchNorm, REPAProjector, SiTTransformer2DModel
 from diffusers_repae.models.discriminator import PatchGANDiscriminator
+from diffusers_repae.training.ablation_steps import naive_end_to_end_step
 from diffusers_repae.training.ema import ModelEMA
 from diffusers_repae.training.losses import VAEReconstructionLoss
 from diffusers_repae.training.repae_step import (
@@ -170,6 +171,57 @@ def test_one_step_stop_gradients_and_losses():
     # training-mode BN: running stats follow the momentum rule with the unbiased batch variance
     torch.testing.assert_close(norm.running_mean, 0.9 * running0[0] + 0.1 * mean_b)
     torch.testing.assert_close(norm.running_var, 0.9 * running0[1] + 0.1 * z.var(dim=(0, 2, 3), unbiased=True))
+
+
+def _naive_step_from_fresh_models(proj_coeff: float, vae_loss: VAEReconstructionLoss | None = None):
+    """One ablation step from the same initial models and randomness; returns the models before and after."""
+    reset_accelerate()
+    accelerator = Accelerator(cpu=True)
+    models = _models(accelerator)
+    if vae_loss is not None:
+        models.vae_loss = vae_loss
+    before = {name: _params(getattr(models, name)) for name in ("vae", "transformer", "projector")}
+    hp = RepaEHyperParameters(encoder_depth=1, cfg_prob=0.5, proj_coeff=proj_coeff)
+    naive_end_to_end_step(accelerator, models, hp, _batch(), torch.Generator().manual_seed(0), 0)
+    after = {name: _params(getattr(models, name)) for name in before}
+    return models, before, after
+
+
+def test_naive_e2e_ablation_sends_the_denoising_loss_into_the_vae_and_not_the_alignment():
+    # the alignment weight changes the SiT's update but never the VAE's
+    _, start, low = _naive_step_from_fresh_models(proj_coeff=0.5)
+    _, _, high = _naive_step_from_fresh_models(proj_coeff=50.0)
+    assert not _same(start["vae"], low["vae"]) and _same(low["vae"], high["vae"])
+    assert not _same(low["projector"], high["projector"])
+
+    # with the VAE's own loss at zero, the VAE still moves: against the gradient of the denoising loss through the
+    # BatchNorm (batch statistics), the noisy latents and the velocity target, computed here by hand
+    silent = VAEReconstructionLoss(None, l1_weight=0.0, lpips_weight=0.0, kl_weight=0.0, disc_weight=0.0)
+    models, start, after = _naive_step_from_fresh_models(proj_coeff=0.5, vae_loss=silent)
+    reference = _models(Accelerator(cpu=True))  # the same initial weights (seeded), never stepped
+    generator = torch.Generator().manual_seed(0)
+    batch = _batch()
+    _, _, z, _ = reference.vae(images_to_vae_range(batch["pixel_values"]), generator=generator)
+    t = torch.rand(4, generator=generator)  # uniform weighting, linear path: t ~ U(0, 1), as draw_step_noise
+    eps = torch.randn(z.shape, generator=generator)
+    drop = torch.rand(4, generator=generator) < 0.5
+    mean, var = z.mean(dim=(0, 2, 3), keepdim=True), z.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    z_n = (z - mean) / torch.sqrt(var + 1e-4)
+    x_t = (1 - t.view(-1, 1, 1, 1)) * z_n + t.view(-1, 1, 1, 1) * eps
+    labels = torch.where(drop, torch.full_like(batch["labels"], 3), batch["labels"])
+    velocity = reference.transformer.train()(x_t, t, labels).sample
+    denoise = ((velocity - (eps - z_n)) ** 2).mean()
+    names = [name for name, p in reference.vae.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(denoise, [dict(reference.vae.named_parameters())[n] for n in names], allow_unused=True)
+    moved = 0
+    for name, grad in zip(names, grads):
+        if grad is None:
+            continue
+        change = after["vae"][name] - start["vae"][name]
+        clear = grad.abs() > 1e-6  # AdamW's first step moves each weight by about -lr * sign(grad)
+        assert torch.equal(torch.sign(change[clear]), -torch.sign(grad[clear])), name
+        moved += int(clear.sum())
+    assert moved > 100
 
 
 def test_train_step_updates_ema_with_bn_buffers():
