@@ -127,3 +127,13 @@ def test_run_config_guards_resume(tmp_path):
     check_run_config(tmp_path, {"seed": 0, "sampler": "sde"})
     with pytest.raises(ValueError, match="sampler"):
         check_run_config(tmp_path, {"seed": 0, "sampler": "euler"})
+
+
+@pytest.mark.parametrize(("seed", "index", "named"), [(-1, 0, "seed"), (0, -3, "index"), (1.5, 0, "seed")])
+def test_sample_seeds_name_the_bad_value(seed, index, named):
+    from diffusers_repae.evaluation.sampling import sample_generator
+
+    with pytest.raises(
+        ValueError, match=f"^{named} must be an integer >= 0, got {index if named == 'index' else seed}"
+    ):
+        sample_generator(seed, index)

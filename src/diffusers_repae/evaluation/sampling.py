@@ -43,6 +43,9 @@ def sample_labels(num_samples: int, num_classes: int, mode: str = "balanced", se
 
 def sample_seed(seed: int, index: int) -> int:
     """A 63-bit seed derived from (run seed, global index) with numpy's SeedSequence (well mixed, no overlaps)."""
+    for name, value in (("seed", seed), ("index", index)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
     return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
