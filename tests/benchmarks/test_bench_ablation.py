@@ -3,6 +3,7 @@ numbers), and the latent-patch spectrum against a computation written here."""
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _load_ablation():
-    spec = importlib.util.spec_from_file_location("ablation", REPO / "benchmarks" / "ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """The script as a module (it imports its neighbour study_report.py, as when run from benchmarks/)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("ablation", REPO / "benchmarks" / "ablation.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
     return module
 
 
@@ -102,11 +108,12 @@ def test_arm_names_and_their_dependencies(tiny):
 
 
 def test_claim_verdicts_follow_the_seed_ranges():
-    ablation = _load_ablation()
-    assert ablation.verdict([1, 2, 3], [4, 5, 6], lower_is_better=True) == "holds"
-    assert ablation.verdict([4, 5, 6], [1, 2, 3], lower_is_better=True) == "does not hold"
-    assert ablation.verdict([1, 5], [4, 6], lower_is_better=True).startswith("inconclusive")
-    assert ablation.verdict([4, 5, 6], [1, 2, 3], lower_is_better=False) == "holds"
+    _load_ablation()
+    report = sys.modules["study_report"]
+    assert report.verdict([1, 2, 3], [4, 5, 6], lower_is_better=True) == "holds"
+    assert report.verdict([4, 5, 6], [1, 2, 3], lower_is_better=True) == "does not hold"
+    assert report.verdict([1, 5], [4, 6], lower_is_better=True).startswith("inconclusive")
+    assert report.verdict([4, 5, 6], [1, 2, 3], lower_is_better=False) == "holds"
 
 
 def test_patch_spectrum_against_a_direct_computation():
