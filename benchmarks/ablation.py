@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from diffusers_repae import RepaEPipeline
-from diffusers_repae.cli import UserError, run_cli
+from diffusers_repae.cli import UserError, positive_int, run_cli
 from diffusers_repae.evaluation import build_feature_extractor
 from diffusers_repae.evaluation.quick_score import (
     balanced_samples,
@@ -118,6 +118,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "bf16 units (or on CUDA), else fp32.",
     )
     train.add_argument("--enc_type", type=str, default="efficientnet-lite0", help="Vision encoder to align with.")
+    train.add_argument(
+        "--encoder_depth",
+        type=positive_int,
+        default=None,
+        help="SiT block whose tokens are aligned (REPA, REPA-E); default: the recipe's projector config.",
+    )
     train.add_argument(
         "--weighting", choices=["uniform", "lognormal"], default="lognormal", help="Training time distribution."
     )
@@ -207,6 +213,7 @@ def train_segment(args, arm: str, seed: int, vae: Path, run_dir: Path, end_step:
         "--max_train_steps", str(end_step), "--learning_rate", str(args.learning_rate),
         "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", str(args.lr_warmup_steps),
         "--ema_decay", str(args.ema_decay), "--weighting", args.weighting,
+        *(["--encoder_depth", str(args.encoder_depth)] if args.encoder_depth else []),
         "--checkpointing_steps", str(args.eval_every), "--checkpoints_total_limit", "1", "--validation_steps", "0",
         "--dataloader_num_workers", "0",
         "--report_to", "none", "--seed", str(seed), "--output_dir", str(run_dir), *data_flags(args),
@@ -341,7 +348,8 @@ def calibrate_steps(args, vae: Path) -> int:
 # settings an --extend run must share with the study it continues
 SAME_WHEN_EXTENDED = (
     "recipe", "resolution", "mixed_precision", "eval_every", "train_batch_size", "learning_rate", "vae_learning_rate",
-    "lr_warmup_steps", "ema_decay", "enc_type", "num_eval_samples", "num_inference_steps", "guidance_scale",
+    "lr_warmup_steps", "ema_decay", "enc_type", "encoder_depth", "num_eval_samples", "num_inference_steps",
+    "guidance_scale",
 )  # fmt: skip
 
 
@@ -419,6 +427,7 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_every": args.eval_every, "train_batch_size": args.train_batch_size,
         "learning_rate": args.learning_rate, "vae_learning_rate": args.vae_learning_rate,
         "lr_warmup_steps": args.lr_warmup_steps, "ema_decay": args.ema_decay, "enc_type": args.enc_type,
+        "encoder_depth": args.encoder_depth,
         "num_eval_samples": args.num_eval_samples, "num_inference_steps": args.num_inference_steps,
         "guidance_scale": args.guidance_scale, "feature_extractor": FD_NAME, "num_reference": len(reference),
         "machine": platform.platform(), "torch_threads": torch.get_num_threads(), "command": " ".join(sys.argv),
