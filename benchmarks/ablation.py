@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         + ". dropin_start is another name for repa; dropin_e2e needs repae (its VAE comes from that arm).",
     )
     study.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="Training seeds (one run each).")
-    study.add_argument("--steps", type=int, default=None, help="SiT steps per run (default 750 without minutes).")
+    study.add_argument("--steps", type=int, default=None, help="SiT steps per run (default 500 without minutes).")
     study.add_argument(
         "--minutes_per_arm",
         type=float,
@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Instead of --steps: the step count that lets one REPA-E run (the slowest arm) train about this many "
         "minutes, measured on its first segment; every arm then trains that many steps.",
     )
-    study.add_argument("--eval_every", type=int, default=375, help="Score every arm every K steps.")
+    study.add_argument("--eval_every", type=int, default=250, help="Score every arm every K steps.")
     study.add_argument("--num_eval_samples", type=int, default=300, help="Samples per score (balanced classes).")
     study.add_argument("--num_inference_steps", type=int, default=30, help="Sampler steps for the scored samples.")
     study.add_argument("--guidance_scale", type=float, default=3.0, help="Classifier-free guidance scale.")
@@ -133,7 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.steps is not None and args.minutes_per_arm is not None:
         raise UserError("give --steps or --minutes_per_arm, not both.")
     if args.steps is None and args.minutes_per_arm is None:
-        args.steps = 750
+        args.steps = 500
     if args.extend and (args.overwrite or args.minutes_per_arm is not None):
         raise UserError("--extend continues a study to more --steps: not with --overwrite or --minutes_per_arm.")
     for name in ("eval_every", "num_eval_samples", "vae_steps", "train_batch_size"):
