@@ -269,7 +269,7 @@ def test_reconstruction_metrics_on_tiny_vae():
 
 
 def test_lpips_needs_a_local_vgg_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth"):
+    with pytest.raises(ValueError, match="--lpips_vgg_weights .*missing.pth' does not exist.*vgg16-397923af.pth"):
         load_lpips_vgg(tmp_path / "missing.pth")
 
 

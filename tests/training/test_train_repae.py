@@ -409,10 +409,12 @@ def test_checkpoint_saving_is_crash_safe_and_rotates(tmp_path):
     accelerator.register_for_checkpointing(_ExplodingState())
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(accelerator, tmp_path, 3, total_limit=1)
-    # the previous checkpoint is untouched and 'latest' still finds it; the half-written one is hidden, then removed
+    # the previous checkpoint is untouched and 'latest' still finds it; the half-written one was hidden and is gone
     assert resolve_resume_checkpoint("latest", tmp_path).name == "checkpoint-2"
     after = load_file(tmp_path / "checkpoint-2" / "model.safetensors")
     assert all(torch.equal(weights[k], after[k]) for k in weights)
-    assert [p.name for p in remove_incomplete_checkpoints(tmp_path)] == [".checkpoint-3.tmp"]
+    assert not (tmp_path / ".checkpoint-3.tmp").exists()
+    (tmp_path / ".checkpoint-4.tmp").mkdir()  # what a killed process leaves: removed before the next run
+    assert [p.name for p in remove_incomplete_checkpoints(tmp_path)] == [".checkpoint-4.tmp"]
     with pytest.raises(ValueError, match="resume_from_checkpoint"):
         resolve_resume_checkpoint(str(tmp_path / "nope"), tmp_path)

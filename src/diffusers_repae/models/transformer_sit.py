@@ -247,8 +247,8 @@ def _check_config(mlp_ratio: float, class_dropout_prob: float, **sizes: int) -> 
         raise ValueError(f"transformer config.json: mlp_ratio must be a finite number > 0, got {mlp_ratio!r}.")
     if isinstance(class_dropout_prob, bool) or not isinstance(class_dropout_prob, (int, float)):
         raise ValueError(f"transformer config.json: class_dropout_prob must be a number, got {class_dropout_prob!r}.")
-    if not 0 <= class_dropout_prob < 1:
-        raise ValueError(f"transformer config.json: class_dropout_prob must be in [0, 1), got {class_dropout_prob!r}.")
+    if not 0 <= class_dropout_prob <= 1:  # 1: every label dropped in training (unconditional)
+        raise ValueError(f"transformer config.json: class_dropout_prob must be in [0, 1], got {class_dropout_prob!r}.")
 
 
 @dataclass
