@@ -57,6 +57,7 @@ from diffusers_repae.evaluation.quick_score import (
     score_features,
 )
 from diffusers_repae.recipes import DEMO_RECIPE
+from diffusers_repae.run_lock import check_not_locked, folder_lock
 from diffusers_repae.training.data import load_training_dataset
 from diffusers_repae.training.loop import cpu_has_bf16
 
@@ -420,10 +421,17 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()
     out = Path(args.output_dir)
+    check_not_locked(out)  # a demo running into this folder is reported before anything is removed
     refuse_overwrite(out, "--output_dir", {"--train_data_dir": args.train_data_dir}, overwrite=args.overwrite)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    with folder_lock(out):  # one demo per folder
+        return run_demo(args, out, start)
+
+
+def run_demo(args, out: Path, start: float) -> dict:
+    """Trains the stages into the empty folder ``out``, scores the result and draws the pictures."""
     precision = "bf16" if args.mixed_precision == "auto" and cpu_has_bf16() else args.mixed_precision
     precision = "no" if precision == "auto" else precision
 

@@ -126,6 +126,29 @@ def test_demo_refuses_to_overwrite_a_finished_demo(demo_run, capsys):
     assert (out / "metrics.json").read_bytes() == before
 
 
+def test_a_second_demo_into_a_folder_in_use_is_refused_in_one_line(demo_run, capsys):
+    import subprocess
+
+    out, _, argv = demo_run
+    before = (out / "metrics.json").read_bytes()
+    holder = subprocess.Popen(  # another process holds the folder's lock, as a running demo does
+        [sys.executable, "-c", "import sys, time; from diffusers_repae.run_lock import folder_lock\n"
+         "with folder_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)", str(out)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit) as exit_info:
+            demo.run_cli(demo.main, [*argv, "--overwrite"])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "is in use by pid" in err
+    assert (out / "metrics.json").read_bytes() == before  # --overwrite removed nothing
+
+
 def test_the_stages_get_the_recipes_settings():
     args = demo.parse_args([])
     groups = demo.stage_commands(args, Path("out"), "no")
