@@ -52,7 +52,6 @@ from diffusers_repae.evaluation.quick_score import (
     balanced_samples,
     dataset_images,
     pooled_features,
-    reconstructions,
     score_features,
 )
 from diffusers_repae.recipes import DEMO_RECIPE
@@ -255,7 +254,10 @@ def vae_diagnostics(vae, images: np.ndarray, seed: int, extractor, reference: np
     std = torch.tensor(vae.config.latents_std, device=vae.device).view(shape)
     normalised = (z - mean) / std
     spectrum, rank = patch_spectrum(normalised.cpu())
-    recon_fd = score_features(reference, pooled_features(extractor, reconstructions(vae, images), desc="recon"))
+    # uint8 as `evaluation.reconstruction.reconstruct` rounds them, from the decode above (not a second one)
+    reconstructed = ((reconstruction.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    reconstructed = reconstructed.permute(0, 2, 3, 1).cpu().numpy()
+    recon_fd = score_features(reference, pooled_features(extractor, reconstructed, desc="recon"))
     return {
         "recon_l1": float((x - reconstruction).abs().mean()),
         "recon_fd": recon_fd["fd"],
@@ -280,12 +282,12 @@ def score(args, arm: str, vae: Path, run_dir: Path, extractor, reference: np.nda
     metrics = score_features(reference, pooled_features(extractor, samples, desc="features samples"))
     weights = vae / "diffusion_pytorch_model.safetensors"  # folder and date: a folder rewritten is another VAE
     key = f"{weights.resolve()}@{weights.stat().st_mtime_ns}" if arm in FROZEN_VAE_ARMS else None
-    if key not in _frozen_vae_diagnostics:
+    diagnostics = _frozen_vae_diagnostics.get(key) if key else None
+    if diagnostics is None:
         diagnostics = vae_diagnostics(pipe.vae, vae_images, args.eval_seed, extractor, reference)
-        if key is None:
-            return {**metrics, **diagnostics}
-        _frozen_vae_diagnostics[key] = diagnostics
-    return {**metrics, **_frozen_vae_diagnostics[key]}
+        if key:
+            _frozen_vae_diagnostics[key] = diagnostics
+    return {**metrics, **diagnostics}
 
 
 def cpu_seconds() -> float:

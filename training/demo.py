@@ -303,8 +303,7 @@ def run_lanes(lanes: list[Lane], out: Path) -> dict[str, float]:
                 return
             minutes[name] = round((time.perf_counter() - began) / 60, 2)
 
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    previous_threads = torch.get_num_threads()  # each in-process step sets its own share; restored below
     workers = [threading.Thread(target=run_lane, args=(lane,), daemon=True) for lane in lanes]
     try:
         for worker in workers:
