@@ -14,7 +14,10 @@ Arms (``--arms``; by default all, run in this order for each seed):
   into the VAE (no stop-gradient) and the alignment loss does not;
 * ``dropin_e2e``: a fresh SiT + REPA (``train_ldm.py``) on the frozen VAE that came out of the ``repae`` run;
 * ``dropin_control``: a fresh SiT + REPA on the starting VAE after as many VAE-only steps (``train_vae.py``) as the
-  ``repae`` run gave it, separating "more VAE training" from "end-to-end tuning".
+  ``repae`` run gave it, separating "more VAE training" from "end-to-end tuning";
+* ``dropin_e2e_restats`` (a targeted measurement, only when named): ``dropin_e2e`` after re-measuring the REPA-E
+  VAE's ``latents_mean`` / ``latents_std`` on the data (``compute_latent_stats.py --write``), separating a mis-scaled
+  latent space from a worse one.
 
 The starting VAE is ``--vae`` or is trained first by ``train_vae.py`` (``--vae_steps``). Each arm runs in segments
 of ``--eval_every`` steps, resuming from its checkpoint (resume is exact, so this equals one uninterrupted run);
@@ -37,7 +40,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,10 +59,9 @@ from diffusers_repae.evaluation.quick_score import (
 from diffusers_repae.recipes import DEMO_RECIPE
 from diffusers_repae.training.checkpointing import list_checkpoints, read_project_state
 from diffusers_repae.training.loop import cpu_has_bf16
+from diffusers_repae.training.stages import run_stage
 from diffusers_repae.training_args import add_data_args, training_data_from_args
-from study_report import ALIASES, ARMS, FD_NAME, claims_table, markdown_table, plot, summarise
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "training"
+from study_report import ALIASES, ARMS, FD_NAME, TARGETED_ARMS, claims_table, markdown_table, plot, summarise
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,11 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     study.add_argument(
         "--arms",
         nargs="+",
-        default=list(ARMS),
+        default=[arm for arm in ARMS if arm not in TARGETED_ARMS],
         choices=[*ARMS, *ALIASES],
         help="Arms to run: "
         + "; ".join(f"{arm}: {what}" for arm, what in ARMS.items())
-        + ". dropin_start is another name for repa; dropin_e2e needs repae (its VAE comes from that arm).",
+        + ". Default: all but the targeted dropin_e2e_restats. dropin_start is another name for repa; dropin_e2e "
+        "and dropin_e2e_restats need repae (their VAE comes from that arm).",
     )
     study.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="Training seeds (one run each).")
     study.add_argument("--steps", type=int, default=None, help="SiT steps per run (default 500 without minutes).")
@@ -146,84 +148,92 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError("--num_eval_samples must be >= 4 (precision/recall use 3 nearest neighbours).")
     chosen = {ALIASES.get(arm, arm) for arm in args.arms}
     args.arms = [arm for arm in ARMS if arm in chosen]
-    if "dropin_e2e" in chosen and "repae" not in chosen:
-        raise UserError("--arms dropin_e2e needs repae too: its VAE is the one the repae arm tuned end to end.")
+    for arm in ("dropin_e2e", "dropin_e2e_restats"):
+        if arm in chosen and "repae" not in chosen:
+            raise UserError(f"--arms {arm} needs repae too: its VAE is the one the repae arm tuned end to end.")
     return args
 
 
-def data_flags(args) -> list[str]:
-    flags = ["--resolution", str(args.resolution), "--embedded_label_by", args.embedded_label_by]
-    for name in ("dataset_name", "dataset_config_name", "train_data_dir", "cache_dir"):
-        if getattr(args, name):
-            flags += [f"--{name}", str(getattr(args, name))]
+def data_options(args) -> dict:
+    """The study's data, as every stage's keyword arguments."""
+    options = {
+        "resolution": args.resolution, "embedded_label_by": args.embedded_label_by,
+        "dataset_name": args.dataset_name, "dataset_config_name": args.dataset_config_name,
+        "train_data_dir": args.train_data_dir, "cache_dir": args.cache_dir,
+    }  # fmt: skip
     if args.dataset_name or args.train_data_dir:
-        flags += ["--image_column", args.image_column, "--label_column", args.label_column]
-    return flags
+        options.update(image_column=args.image_column, label_column=args.label_column)
+    return options
 
 
-def run_script(script: str, argv: list[str]) -> None:
-    """``python training/SCRIPT ARGV`` in its own process (each run builds its own accelerator); a failure stops
-    the study, the script's own message above it."""
-    result = subprocess.run([sys.executable, str(SCRIPTS / script), *argv])
-    if result.returncode != 0:
-        raise UserError(f"training/{script} failed (exit status {result.returncode}); its output is above.")
+def run_options(args, steps: int, seed: int, output_dir: Path) -> dict:
+    """What every training run of the study shares: batch, precision, warm-up then constant, no validation."""
+    return {
+        "mixed_precision": args.mixed_precision, "train_batch_size": args.train_batch_size,
+        "max_train_steps": steps, "lr_scheduler": "constant_with_warmup",
+        "lr_warmup_steps": min(args.lr_warmup_steps, steps), "checkpoints_total_limit": 1, "validation_steps": 0,
+        "dataloader_num_workers": 0, "report_to": "none", "seed": seed, "output_dir": output_dir,
+        **data_options(args),
+    }  # fmt: skip
 
 
 def train_vae_only(args, folder: Path, steps: int, seed: int, start: Path | None = None) -> Path:
     """train_vae.py on the study's data (LPIPS off, GAN off), exported with measured statistics: the starting VAE
     (from the recipe's random weights), or ``steps`` more VAE-only steps from ``start`` (the drop-in control)."""
-    begin = ["--vae", str(start)] if start else ["--recipe", args.recipe]
-    run_script(
-        "train_vae.py",
-        [
-            *begin, "--no_lpips", "--disc_weight", "0", "--mixed_precision", args.mixed_precision,
-            "--train_batch_size", str(args.train_batch_size), "--max_train_steps", str(steps),
-            "--vae_learning_rate", str(args.vae_learning_rate), "--lr_scheduler", "constant_with_warmup",
-            "--lr_warmup_steps", str(min(args.lr_warmup_steps, steps)),
-            "--checkpointing_steps", str(steps), "--checkpoints_total_limit", "1",
-            "--validation_steps", "0", "--dataloader_num_workers", "0", "--report_to", "none", "--random_flip",
-            "--seed", str(seed), "--output_dir", str(folder), *data_flags(args),
-        ],
+    run_stage(
+        "train_vae",
+        vae=start, recipe=None if start else args.recipe, no_lpips=True, disc_weight=0, random_flip=True,
+        vae_learning_rate=args.vae_learning_rate, checkpointing_steps=steps,
+        **run_options(args, steps, seed, folder),
     )  # fmt: skip
     return folder
+
+
+OWN_VAE = {"dropin_control": "control-vae-seed{seed}", "dropin_e2e_restats": "restats-vae-seed{seed}"}
 
 
 def arm_vae(args, arm: str, seed: int, start: Path, steps: int) -> Path:
     """The VAE an arm's SiT trains on (and REPA-E / the ablation start from): the starting VAE, the REPA-E arm's
     VAE after its run (dropin_e2e), or the starting VAE after as many VAE-only steps as REPA-E gave it
-    (dropin_control, trained here once per seed)."""
+    (dropin_control, trained here once per seed), or the REPA-E arm's VAE with re-measured latent statistics
+    (dropin_e2e_restats)."""
     runs = Path(args.output_dir) / "runs"
     if arm == "dropin_e2e":
         return runs / f"repae-seed{seed}" / "vae"
-    if arm == "dropin_control":
-        folder = runs / f"control-vae-seed{seed}"
-        if not (folder / "config.json").is_file():
+    if arm in OWN_VAE:
+        folder = runs / OWN_VAE[arm].format(seed=seed)
+        if (folder / "config.json").is_file():
+            return folder
+        if arm == "dropin_control":
             print(f"[study] control VAE for seed {seed}: {steps} VAE-only steps from the starting VAE", flush=True)
-            train_vae_only(args, folder, steps, seed, start=start)
+            return train_vae_only(args, folder, steps, seed, start=start)
+        print(f"[study] re-measuring the latent statistics of seed {seed}'s REPA-E VAE", flush=True)
+        run_stage(
+            "compute_latent_stats",
+            vae=runs / f"repae-seed{seed}" / "vae", write=folder, plot=folder.with_suffix(".png"), seed=seed,
+            overwrite=True, **data_options(args),
+        )  # fmt: skip
         return folder
     return start
 
 
 def train_segment(args, arm: str, seed: int, vae: Path, run_dir: Path, end_step: int) -> None:
     """Trains ``arm`` up to ``end_step`` in ``run_dir`` (resuming its latest checkpoint) and exports its pipeline."""
-    argv = [
-        "--recipe", args.recipe, "--vae", str(vae), "--enc_type", args.enc_type,
-        "--mixed_precision", args.mixed_precision, "--train_batch_size", str(args.train_batch_size),
-        "--max_train_steps", str(end_step), "--learning_rate", str(args.learning_rate),
-        "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", str(args.lr_warmup_steps),
-        "--ema_decay", str(args.ema_decay), "--weighting", args.weighting,
-        *(["--encoder_depth", str(args.encoder_depth)] if args.encoder_depth else []),
-        "--checkpointing_steps", str(args.eval_every), "--checkpoints_total_limit", "1", "--validation_steps", "0",
-        "--dataloader_num_workers", "0",
-        "--report_to", "none", "--seed", str(seed), "--output_dir", str(run_dir), *data_flags(args),
-    ]  # fmt: skip
-    if list_checkpoints(run_dir):
-        argv += ["--resume_from_checkpoint", "latest"]
+    shared = {
+        "recipe": args.recipe, "vae": vae, "enc_type": args.enc_type, "encoder_depth": args.encoder_depth,
+        "learning_rate": args.learning_rate, "ema_decay": args.ema_decay, "weighting": args.weighting,
+        "checkpointing_steps": args.eval_every,
+        "resume_from_checkpoint": "latest" if list_checkpoints(run_dir) else None,
+        **run_options(args, end_step, seed, run_dir),
+    }  # fmt: skip
+    shared["lr_warmup_steps"] = args.lr_warmup_steps  # the same warm-up in every segment of a resumed run
     if arm in ("repae", "naive_e2e"):
-        argv += ["--no_lpips", "--disc_weight", "0", "--vae_learning_rate", str(args.vae_learning_rate)]
-        run_script("train_repae.py", argv + (["--ablation", "naive_e2e"] if arm == "naive_e2e" else []))
+        run_stage(
+            "train_repae", no_lpips=True, disc_weight=0, vae_learning_rate=args.vae_learning_rate,
+            ablation="naive_e2e" if arm == "naive_e2e" else None, **shared,
+        )  # fmt: skip
     else:
-        run_script("train_ldm.py", argv + ["--proj_coeff", "0" if arm == "vanilla" else "0.5"])
+        run_stage("train_ldm", proj_coeff=0 if arm == "vanilla" else 0.5, **shared)
 
 
 def patch_spectrum(latents: torch.Tensor, patch: int = 2) -> tuple[torch.Tensor, float]:
@@ -372,7 +382,7 @@ def earlier_results(args) -> dict | None:
     return earlier
 
 
-STARTS_OVER_WHEN_EXTENDED = ("dropin_e2e", "dropin_control")  # their VAE depends on --steps
+STARTS_OVER_WHEN_EXTENDED = ("dropin_e2e", "dropin_control", "dropin_e2e_restats")  # their VAE depends on --steps
 
 
 def earlier_records(earlier: dict | None, arm: str, seed: int) -> list[dict]:
@@ -457,9 +467,9 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in args.seeds:  # seed-major: an interrupted study still has every arm for the first seeds
         for arm in args.arms:
             if earlier and arm in STARTS_OVER_WHEN_EXTENDED:
-                for name in (f"{arm}-seed{seed}", f"control-vae-seed{seed}" if arm == "dropin_control" else None):
+                for name in (f"{arm}-seed{{seed}}", OWN_VAE.get(arm)):
                     if name:
-                        shutil.rmtree(out / "runs" / name, ignore_errors=True)
+                        shutil.rmtree(out / "runs" / name.format(seed=seed), ignore_errors=True)
             done = earlier_records(earlier, arm, seed)
             results["arms"][arm][str(seed)] = list(done)
             arm_start = arm_vae(args, arm, seed, vae, steps)

@@ -36,7 +36,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -60,9 +59,9 @@ from diffusers_repae.recipes import DEMO_RECIPE
 from diffusers_repae.run_lock import check_not_locked, folder_lock
 from diffusers_repae.training.data import load_training_dataset
 from diffusers_repae.training.loop import cpu_has_bf16
+from diffusers_repae.training.stages import stage_command
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = Path(__file__).resolve().parent
 RECIPE = DEMO_RECIPE
 # Flags of the former single-run demo: what replaced each one.
 MOVED_FLAGS = {
@@ -185,37 +184,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def data_flags(args) -> list[str]:
-    flags = ["--resolution", str(args.resolution)]
-    if args.train_data_dir:
-        flags += ["--train_data_dir", args.train_data_dir]
+def data_options(args) -> dict:
+    """The demo's data, as every stage's keyword arguments."""
+    options = {"resolution": args.resolution, "train_data_dir": args.train_data_dir}
     if args.dataset_name:
-        flags += ["--dataset_name", args.dataset_name, "--image_column", args.image_column]
-        flags += ["--label_column", args.label_column]
-        if args.dataset_config_name:
-            flags += ["--dataset_config_name", args.dataset_config_name]
-        if args.streaming:
-            flags += ["--streaming"]
-    return flags
+        options.update(
+            dataset_name=args.dataset_name, image_column=args.image_column, label_column=args.label_column,
+            dataset_config_name=args.dataset_config_name, streaming=args.streaming,
+        )  # fmt: skip
+    return options
 
 
-def run_flags(args, output_dir: Path, steps: int, precision: str) -> list[str]:
+def run_options(args, output_dir: Path, steps: int, precision: str) -> dict:
     """What every training stage shares: batch, steps, precision, one checkpoint at the end, no validation."""
-    return [
-        "--output_dir", str(output_dir), "--max_train_steps", str(steps), "--train_batch_size",
-        str(args.train_batch_size), "--mixed_precision", precision, "--seed", str(args.seed),
-        "--checkpointing_steps", str(steps), "--checkpoints_total_limit", "1", "--validation_steps", "0",
-        "--dataloader_num_workers", "0", "--report_to", "tensorboard", *data_flags(args),
-    ]  # fmt: skip
+    return {
+        "output_dir": output_dir, "max_train_steps": steps, "train_batch_size": args.train_batch_size,
+        "mixed_precision": precision, "seed": args.seed, "checkpointing_steps": steps, "checkpoints_total_limit": 1,
+        "validation_steps": 0, "dataloader_num_workers": 0, "report_to": "tensorboard", **data_options(args),
+    }  # fmt: skip
 
 
-def gan_flags(args, start: int) -> list[str]:
+def gan_options(args, start: int) -> dict:
     """A small patch-GAN discriminator, adaptively weighted, active from ``start``."""
-    return ["--disc_start", str(start), "--disc_ndf", "32", "--adaptive_disc_weight", "--disc_weight",
-            str(args.gan_weight)]  # fmt: skip
+    return {"disc_start": start, "disc_ndf": 32, "adaptive_disc_weight": True, "disc_weight": args.gan_weight}
 
 
-Step = tuple[str, "list[str] | Callable[[], None]"]  # (name, a script's command line, or work for this process)
+Step = tuple[str, "list[str] | Callable[[], None]"]  # (name, a stage's command line, or work for this process)
 Lane = list[Step]  # steps run one after the other
 
 
@@ -227,35 +221,33 @@ def stage_commands(args, out: Path, precision: str) -> list[list[Lane]]:
         out / name for name in ("stage1-repae", "latents", "stage2-ldm", "stage3-decoder")
     )
 
-    def warmup(steps: int) -> list[str]:
-        return ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", str(min(100, steps))]
+    def warmup(steps: int) -> dict:
+        return {"lr_scheduler": "constant_with_warmup", "lr_warmup_steps": min(100, steps)}
 
-    encoder = ["--enc_type", "efficientnet-lite0", "--weighting", "lognormal", "--ema_decay", str(args.ema_decay)]
-    stage_1 = ("stage 1: end-to-end REPA-E (VAE + SiT + alignment)", [
-        "train_repae.py", "--recipe", RECIPE, *encoder, "--no_lpips", *gan_flags(args, 1_000_000_000),
-        *warmup(args.stage1_steps),
-        "--learning_rate", str(args.learning_rate), "--vae_learning_rate", str(args.vae_learning_rate),
-        *run_flags(args, stage1, args.stage1_steps, precision),
-    ])  # fmt: skip
-    cache = ("latent cache of the stage-1 VAE", [
-        "cache_latents.py", "--vae", str(stage1), "--output_dir", str(latents), *data_flags(args),
-    ])  # fmt: skip
-    cached = [] if args.streaming else ["--latents_dir", str(latents)]  # a stream is encoded on the fly
-    stage_2 = ("stage 2: the SiT on the frozen end-to-end VAE", [
-        "train_ldm.py", "--pretrained_model_name_or_path", str(stage1), *cached, *encoder,
-        "--learning_rate", str(args.learning_rate), "--lr_scheduler", "linear", "--lr_warmup_steps", "0",
-        *run_flags(args, stage2, args.stage2_steps, precision),
-    ])  # fmt: skip
+    encoder = {"enc_type": "efficientnet-lite0", "weighting": "lognormal", "ema_decay": args.ema_decay}
+    stage_1 = ("stage 1: end-to-end REPA-E (VAE + SiT + alignment)", stage_command(
+        "train_repae", recipe=RECIPE, **encoder, no_lpips=True, **gan_options(args, 1_000_000_000),
+        **warmup(args.stage1_steps), learning_rate=args.learning_rate, vae_learning_rate=args.vae_learning_rate,
+        **run_options(args, stage1, args.stage1_steps, precision),
+    ))  # fmt: skip
+    cache = ("latent cache of the stage-1 VAE", stage_command(
+        "cache_latents", vae=stage1, output_dir=latents, **data_options(args),
+    ))  # fmt: skip
+    stage_2 = ("stage 2: the SiT on the frozen end-to-end VAE", stage_command(
+        "train_ldm", pretrained_model_name_or_path=stage1,
+        latents_dir=None if args.streaming else latents,  # a stream is encoded on the fly
+        **encoder, learning_rate=args.learning_rate, lr_scheduler="linear", lr_warmup_steps=0,
+        **run_options(args, stage2, args.stage2_steps, precision),
+    ))  # fmt: skip
     ldm_lane = [stage_2] if args.streaming else [cache, stage_2]
     if not args.decoder_steps:
         return [[[stage_1]], [ldm_lane]]
-    stage_3 = ("stage 3: the decoder on the frozen encoder", [
-        "train_vae.py", "--vae", str(stage1), "--freeze_encoder", "--decoder_latent_noise",
-        str(args.decoder_latent_noise), "--no_lpips", *gan_flags(args, args.decoder_gan_start),
-        *warmup(args.decoder_steps),
-        "--lr_decay_start", str(args.decoder_gan_start), "--vae_learning_rate", str(args.vae_learning_rate),
-        *run_flags(args, stage3, args.decoder_steps, precision),
-    ])  # fmt: skip
+    stage_3 = ("stage 3: the decoder on the frozen encoder", stage_command(
+        "train_vae", vae=stage1, freeze_encoder=True, decoder_latent_noise=args.decoder_latent_noise,
+        no_lpips=True, **gan_options(args, args.decoder_gan_start), **warmup(args.decoder_steps),
+        lr_decay_start=args.decoder_gan_start, vae_learning_rate=args.vae_learning_rate,
+        **run_options(args, stage3, args.decoder_steps, precision),
+    ))  # fmt: skip
     return [[[stage_1]], [ldm_lane, [stage_3]]]
 
 
@@ -269,14 +261,14 @@ def run_lanes(lanes: list[Lane], out: Path) -> dict[str, float]:
     stopped = threading.Event()
 
     def run_script(name: str, command: list[str]) -> None:
-        print(f"      {name}: python training/{' '.join(command)}", flush=True)
+        print(f"      {name}: python training/{Path(command[1]).name} {' '.join(command[2:])}", flush=True)
         log_path = out / f"{Path(command[command.index('--output_dir') + 1]).name}.log" if side_by_side else None
         if log_path:
             print(f"        (side by side, {threads} thread(s); log: {log_path})", flush=True)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if side_by_side else None
         with open(log_path or os.devnull, "w") as log:
             output = {"stdout": log, "stderr": subprocess.STDOUT} if log_path else {}
-            process = subprocess.Popen([sys.executable, str(SCRIPTS / command[0]), *command[1:]], env=env, **output)
+            process = subprocess.Popen(command, env=env, **output)
             running.append(process)
             status = process.wait()
         if status != 0 and not stopped.is_set():

@@ -83,28 +83,40 @@ def test_every_arm_one_seed(tiny):
     with pytest.raises(ValueError, match="--overwrite"):  # a finished study is never written over silently
         ablation.main(argv)
 
-    # --extend: the same study to 4 steps, fewer arms; earlier records kept, the drop-in arm starts over
+    # --extend: the same study to 4 steps, fewer arms and the targeted one; earlier records kept, drop-ins start over
     steps = argv.index("--steps") + 1
-    extended = [*argv[:steps], "4", *argv[steps + 1 :], "--extend", "--arms", "vanilla", "repae", "dropin_e2e"]
+    arms = ["vanilla", "repae", "dropin_e2e", "dropin_e2e_restats"]
+    extended = [*argv[:steps], "4", *argv[steps + 1 :], "--extend", "--arms", *arms]
     with pytest.raises(ValueError, match="same --eval_every"):
         ablation.main([*extended, "--eval_every", "1"])
     ablation.main(extended)
     longer = json.loads((out / "results.json").read_text())
     assert longer["config"]["steps"] == 4 and longer["config"]["extended_from_steps"] == 2
-    assert list(longer["arms"]) == ["vanilla", "repae", "dropin_e2e"]
+    assert list(longer["arms"]) == arms
     for arm in ("vanilla", "repae"):
         records = longer["arms"][arm]["3"]
         assert [r["step"] for r in records] == [2, 4] and records[0] == results["arms"][arm]["3"][0]
     assert [r["step"] for r in longer["arms"]["dropin_e2e"]["3"]] == [2, 4]
     assert longer["arms"]["dropin_e2e"]["3"][-1]["recon_l1"] == longer["arms"]["repae"]["3"][-1]["recon_l1"]
+    # the targeted arm: the repae VAE's weights (same reconstructions) with statistics measured on the data
+    restats = longer["arms"]["dropin_e2e_restats"]["3"]
+    assert [r["step"] for r in restats] == [2, 4] and restats[-1]["recon_l1"] == longer["arms"]["repae"]["3"][-1][
+        "recon_l1"
+    ]
+    exported = json.loads((out / "runs" / "repae-seed3" / "vae" / "config.json").read_text())["latents_std"]
+    measured = json.loads((out / "runs" / "restats-vae-seed3" / "config.json").read_text())["latents_std"]
+    assert len(measured) == len(exported) == 4 and measured != exported
+    assert "| (targeted) The drop-in gap" in (out / "claims.md").read_text()
 
 
 def test_arm_names_and_their_dependencies(tiny):
     ablation = _load_ablation()
     base = ["--train_data_dir", str(tiny / "images")]
     assert ablation.parse_args([*base, "--arms", "dropin_start", "vanilla"]).arms == ["vanilla", "repa"]
-    with pytest.raises(ValueError, match="dropin_e2e needs repae"):
-        ablation.parse_args([*base, "--arms", "dropin_e2e"])
+    assert "dropin_e2e_restats" not in ablation.parse_args(base).arms  # targeted: only when named
+    for arm in ("dropin_e2e", "dropin_e2e_restats"):
+        with pytest.raises(ValueError, match=f"{arm} needs repae"):
+            ablation.parse_args([*base, "--arms", arm])
 
 
 def test_claim_verdicts_follow_the_seed_ranges():

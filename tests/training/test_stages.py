@@ -116,3 +116,32 @@ def test_stage_2_continues_from_a_stage_1_output(setup, tmp_path):
         for key in start:
             torch.testing.assert_close(end[key], start[key], rtol=0, atol=1e-25, msg=f"{component}: {key}")
     assert f"Latents from the cache {latents}" in (stage2 / "README.md").read_text()
+
+
+def test_stage_calls_are_the_scripts_command_lines(tmp_path):
+    """Keyword arguments become flags that each script's own parser reads back to the same values."""
+    from pathlib import Path
+
+    from diffusers_repae.training.stages import STAGES, stage_command, stage_flags
+
+    assert stage_flags(a=1, b=True, c=False, d=None, e=[2, "x"], f=0, g=Path("p")) == [
+        "--a", "1", "--b", "--e", "2", "x", "--f", "0", "--g", "p",
+    ]  # fmt: skip
+    for stage in STAGES:
+        assert Path(stage_command(stage)[1]).is_file()
+    command = stage_command(
+        "train_ldm", vae=tmp_path, max_train_steps=500, proj_coeff=0, random_flip=True, encoder_depth=None,
+        train_data_dir=tmp_path, resolution=32,
+    )  # fmt: skip
+    args = training_script("train_ldm").parse_args(command[2:])
+    assert (args.vae, args.max_train_steps, args.proj_coeff, args.random_flip) == (str(tmp_path), 500, 0.0, True)
+    with pytest.raises(ValueError, match="unknown stage 'train_sit': one of train_vae, train_repae"):
+        stage_command("train_sit")
+
+
+def test_a_failed_stage_raises_and_names_its_script(capfd):
+    from diffusers_repae.training.stages import run_stage
+
+    with pytest.raises(ValueError, match=r"training/train_vae.py failed \(exit status 2\)"):
+        run_stage("train_vae", no_such_flag=1)
+    assert "--no_such_flag" in capfd.readouterr().err  # the script's own message, above the failure
