@@ -275,8 +275,12 @@ def main(argv: list[str] | None = None) -> Path:
     )
     models.ema = ModelEMA(ema_target(accelerator, models), decay=args.ema_decay)  # starts as an exact copy
     # The latent BN has no parameters (DDP refuses it), so it is registered like the EMA and the RNG streams.
-    settings = RunSettings(
-        recipe=str(args.recipe), resolution=args.resolution, num_classes=data.num_classes, path_type=args.path_type
+    settings = RunSettings(  # the ablation too: resuming an ablation run must not continue it as REPA-E
+        recipe=str(args.recipe),
+        resolution=args.resolution,
+        num_classes=data.num_classes,
+        path_type=args.path_type,
+        ablation=args.ablation,
     )
     dataloader, generators, history = prepare_run_state(
         accelerator, run, data, dataloader, settings, latent_norm=latent_norm, ema=models.ema

@@ -46,7 +46,10 @@ def _in_use(folder: Path, flag: str, holder: str) -> UserError:
 
 
 def check_not_locked(folder: str | Path, flag: str = "--output_dir") -> None:
-    """Raises when another run holds ``folder``'s lock; writes nothing (a refused command leaves no trace)."""
+    """Raises when another run holds ``folder``'s lock; writes nothing (a refused command leaves no trace). A lock
+    this process still holds (an earlier call that failed outside ``run_cli``) is not another run's."""
+    if any(lock.folder.resolve() == Path(folder).resolve() for lock in _HELD):
+        return
     path = Path(folder) / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -122,3 +122,28 @@ def test_the_lock_is_exclusive_between_processes_and_released_on_exit(tmp_path):
         FolderLock(tmp_path / "new").acquire()
     holder.communicate(b"")  # a clean exit of the holder (no release call) frees the lock too
     FolderLock(tmp_path / "new").acquire().release()
+
+
+def test_a_lock_this_process_still_holds_does_not_block_its_next_run(tmp_path):
+    """A library call that failed outside run_cli keeps its lock; the next call here goes on, another process not."""
+    from diffusers_repae.errors import UserError
+    from diffusers_repae.run_lock import check_not_locked, release_all
+
+    FolderLock(tmp_path / "run").acquire()  # left held, as by a failed train_repae.main(...) in a notebook
+    try:
+        check_not_locked(tmp_path / "run")
+        FolderLock(tmp_path / "run").acquire()
+        probe = subprocess.run(
+            [sys.executable, "-c", BARE + "from diffusers_repae.run_lock import check_not_locked; "
+             "check_not_locked(sys.argv[1])", str(tmp_path / "run")],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert probe.returncode != 0 and f"in use by pid {os.getpid()}" in probe.stderr
+    finally:
+        release_all()
+    with pytest.raises(UserError, match="in use"):  # and a lock another process holds still blocks this one
+        holder = hold_lock(tmp_path / "other")
+        try:
+            check_not_locked(tmp_path / "other")
+        finally:
+            holder.communicate(b"")

@@ -328,6 +328,17 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_setup, tmp_path):
     assert sorted(p.name for p in out.glob("*checkpoint*")) == ["checkpoint-2"]
 
 
+def test_an_ablation_run_resumes_only_as_the_ablation(tiny_setup, tmp_path):
+    from diffusers_repae.training.checkpointing import CheckpointError
+
+    out = tmp_path / "naive"
+    _run(_argv(tiny_setup, out, 2, "--ablation", "naive_e2e"))
+    with pytest.raises(CheckpointError, match="ablation 'naive_e2e' in the checkpoint, None now"):
+        _run(_argv(tiny_setup, out, 4, "--resume_from_checkpoint", "latest"))
+    _run(_argv(tiny_setup, out, 4, "--resume_from_checkpoint", "latest", "--ablation", "naive_e2e"))
+    assert (out / "checkpoint-4").is_dir()
+
+
 def test_bad_flags_are_rejected(tiny_setup, tmp_path):
     with pytest.raises(ValueError, match="train_batch_size"):
         _run(_argv(tiny_setup, tmp_path, 2, "--train_batch_size", "0"))

@@ -16,11 +16,11 @@ from .losses import denoising_loss, noisy_latents_and_target, repa_alignment_los
 from .repae_step import (
     RepaEHyperParameters,
     RepaEModels,
-    _grad_norm,
     discriminator_pass,
     draw_step_noise,
     ema_target,
     encoder_features,
+    grad_norm_for_logs,
     images_to_vae_range,
     vae_generator_loss,
 )
@@ -76,8 +76,8 @@ def naive_end_to_end_step(
     logs.update({"vae/gen_loss": terms["loss"].detach(), "vae/loss": vae_loss.detach()})
     logs.update({"sit/denoising_loss": denoise.detach(), "sit/proj_loss": proj_loss.detach()})
     logs["sit/loss"] = sit_loss.detach()
-    logs["grad_norm/vae"] = _grad_norm(accelerator.clip_grad_norm_(vae_params, hp.max_grad_norm))
-    logs["grad_norm/sit"] = _grad_norm(accelerator.clip_grad_norm_(sit_params, hp.max_grad_norm))
+    logs["grad_norm/vae"] = grad_norm_for_logs(accelerator.clip_grad_norm_(vae_params, hp.max_grad_norm))
+    logs["grad_norm/sit"] = grad_norm_for_logs(accelerator.clip_grad_norm_(sit_params, hp.max_grad_norm))
     for optimizer in (models.optimizer_vae, models.optimizer_sit):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -214,7 +214,9 @@ def vae_alignment_pass(
     out["vae/proj_loss"] = proj_loss.detach()
     out["vae/loss"] = loss.detach()
     if accelerator.sync_gradients:
-        out["grad_norm/vae"] = _grad_norm(accelerator.clip_grad_norm_(models.vae.parameters(), hp.max_grad_norm))
+        out["grad_norm/vae"] = grad_norm_for_logs(
+            accelerator.clip_grad_norm_(models.vae.parameters(), hp.max_grad_norm)
+        )
     models.optimizer_vae.step()
     models.optimizer_vae.zero_grad(set_to_none=True)
     return out, z.detach(), reconstruction.detach(), noise
@@ -237,7 +239,7 @@ def discriminator_pass(
     accelerator.backward(terms["loss"])
     out = {f"disc/{k}": v.detach() for k, v in terms.items()}
     if accelerator.sync_gradients:
-        out["grad_norm/disc"] = _grad_norm(
+        out["grad_norm/disc"] = grad_norm_for_logs(
             accelerator.clip_grad_norm_(models.discriminator.parameters(), hp.max_grad_norm)
         )
     models.optimizer_disc.step()
@@ -276,7 +278,7 @@ def sit_pass(
     out = {"sit/denoising_loss": denoise.detach(), "sit/proj_loss": proj_loss.detach(), "sit/loss": loss.detach()}
     if accelerator.sync_gradients:
         params = list(models.transformer.parameters()) + list(models.projector.parameters())
-        out["grad_norm/sit"] = _grad_norm(accelerator.clip_grad_norm_(params, hp.max_grad_norm))
+        out["grad_norm/sit"] = grad_norm_for_logs(accelerator.clip_grad_norm_(params, hp.max_grad_norm))
     models.optimizer_sit.step()
     models.optimizer_sit.zero_grad(set_to_none=True)
     return out
@@ -307,7 +309,7 @@ def vae_reconstruction_update(
     accelerator.backward(terms["loss"])
     logs = {f"vae/{k}": v.detach() for k, v in terms.items()}
     if accelerator.sync_gradients:
-        logs["grad_norm/vae"] = _grad_norm(accelerator.clip_grad_norm_(models.vae.parameters(), max_grad_norm))
+        logs["grad_norm/vae"] = grad_norm_for_logs(accelerator.clip_grad_norm_(models.vae.parameters(), max_grad_norm))
     models.optimizer_vae.step()
     models.optimizer_vae.zero_grad(set_to_none=True)
     return logs, z.detach(), reconstruction.detach()
@@ -337,5 +339,6 @@ def train_step(
     return logs
 
 
-def _grad_norm(norm) -> torch.Tensor:
+def grad_norm_for_logs(norm) -> torch.Tensor:
+    """``clip_grad_norm_``'s total norm (before clipping) as a detached float tensor for the step's logs."""
     return torch.as_tensor(norm).detach().float()
