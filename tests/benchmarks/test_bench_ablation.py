@@ -16,11 +16,11 @@ from tiny_setup import write_tiny_setup
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _load_ablation():
-    """The script as a module (it imports its neighbour study_report.py, as when run from benchmarks/)."""
+def _load_script(name: str = "ablation"):
+    """A benchmark script as a module (it may import its neighbour study_report.py, as when run from benchmarks/)."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
-        spec = importlib.util.spec_from_file_location("ablation", REPO / "benchmarks" / "ablation.py")
+        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
@@ -35,7 +35,7 @@ def tiny(tmp_path_factory):
 
 
 def test_every_arm_one_seed(tiny):
-    ablation = _load_ablation()
+    ablation = _load_script()
     out = tiny / "out"
     argv = [
         "--recipe", str(tiny / "recipe"), "--train_data_dir", str(tiny / "images"), "--resolution", "32",
@@ -108,9 +108,18 @@ def test_every_arm_one_seed(tiny):
     assert len(measured) == len(exported) == 4 and measured != exported
     assert "| (targeted) The drop-in gap" in (out / "claims.md").read_text()
 
+    # the probe of the SiTs' aligned tokens reads the study's runs
+    probe = _load_script("probe_alignment")
+    probed = probe.main(["--study_dir", str(out), "--train_data_dir", str(tiny / "images"), "--num_images", "8"])
+    assert list(probed["arms"]) == ["vanilla", "untrained", "repa"] and probed["num_held_out"] == 3
+    for name in probed["arms"]:
+        scores = probed["arms"][name]["3"]["scores"]
+        assert list(scores) == ["0.25", "0.5", "0.75"] and all(-1 <= s["cosine"] <= 1 for s in scores.values())
+    assert "| untrained |" in (out / "probe.md").read_text()
+
 
 def test_arm_names_and_their_dependencies(tiny):
-    ablation = _load_ablation()
+    ablation = _load_script()
     base = ["--train_data_dir", str(tiny / "images")]
     assert ablation.parse_args([*base, "--arms", "dropin_start", "vanilla"]).arms == ["vanilla", "repa"]
     assert "dropin_e2e_restats" not in ablation.parse_args(base).arms  # targeted: only when named
@@ -120,7 +129,7 @@ def test_arm_names_and_their_dependencies(tiny):
 
 
 def test_claim_verdicts_follow_the_seed_ranges():
-    _load_ablation()
+    _load_script()
     report = sys.modules["study_report"]
     assert report.verdict([1, 2, 3], [4, 5, 6], lower_is_better=True) == "holds"
     assert report.verdict([4, 5, 6], [1, 2, 3], lower_is_better=True) == "does not hold"
@@ -129,7 +138,7 @@ def test_claim_verdicts_follow_the_seed_ranges():
 
 
 def test_patch_spectrum_against_a_direct_computation():
-    ablation = _load_ablation()
+    ablation = _load_script()
     latents = torch.randn(6, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     latents[:, 1] = 0.5 * latents[:, 0] + 0.1 * latents[:, 1]  # correlated channels: not isotropic
     vectors = np.array([
@@ -147,8 +156,23 @@ def test_patch_spectrum_against_a_direct_computation():
 
 
 def test_segments_end_every_k_steps_and_at_the_last():
-    ablation = _load_ablation()
+    ablation = _load_script()
     assert ablation.segment_ends(2, 1) == [1, 2]
     assert ablation.segment_ends(3, 2) == [2, 3]
     assert ablation.segment_ends(6, 3) == [3, 6]
     assert ablation.segment_ends(2, 5) == [2]
+
+
+def test_the_probe_recovers_a_linear_relation_and_finds_none_in_noise():
+    probe = _load_script("probe_alignment")
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 8, generator=generator, dtype=torch.float64)
+    weights = torch.randn(8, 5, generator=generator, dtype=torch.float64)
+    y = x @ weights + 3.0  # a common offset: the mean alone already has a high cosine
+    exact = probe.ridge_probe(x[:300], y[:300], x[300:], y[300:], ridge=1e-9)
+    assert exact["r2"] > 0.999 and exact["cosine"] > 0.999
+    unrelated = torch.randn(400, 8, generator=generator, dtype=torch.float64)
+    chance = probe.ridge_probe(unrelated[:300], y[:300], unrelated[300:], y[300:], ridge=1e-9)
+    assert chance["r2"] < 0.1
+    mean_cosine = torch.nn.functional.cosine_similarity(y[:300].mean(0, keepdim=True), y[300:], dim=-1).mean()
+    assert abs(chance["cosine"] - float(mean_cosine)) < 0.05  # no relation: about what the mean alone scores
