@@ -11,8 +11,8 @@ the noisy latents alone give away.
     python benchmarks/ablation.py --arms vanilla repa --output_dir study       # or make study
     python benchmarks/probe_alignment.py --study_dir study --seeds 0 1 2
 
-Writes ``probe.json`` and ``probe.md`` into ``--study_dir``: per arm, the held-out cosine median [min, max] over
-seeds at each noise level t (the probe reads the tokens at the run's own ``encoder_depth``).
+Writes ``probe.json`` and ``probe.md`` into ``--study_dir``: per SiT, the held-out cosine and R^2 median [min, max]
+over seeds at each noise level t (the probe reads the tokens at each run's own ``encoder_depth``, or ``--block``).
 """
 
 from __future__ import annotations
@@ -45,11 +45,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_images", type=int, default=900, help="Training images: 2/3 fit the probe, 1/3 score.")
     parser.add_argument("--times", nargs="+", type=float, default=[0.25, 0.5, 0.75], help="Noise levels t.")
     parser.add_argument("--ridge", type=float, default=1e-2, help="Ridge penalty, relative to the mean variance.")
+    parser.add_argument(
+        "--block",
+        type=int,
+        default=None,
+        help="Probe the tokens after this SiT block in every run (writes probe-blockN.json / .md); default: each "
+        "run's own encoder_depth (probe.json / .md).",
+    )
     add_data_args(parser)
     parser.set_defaults(resolution=32)
     args = parser.parse_args(argv)
     if args.num_images < 6:
         raise UserError(f"--num_images must be >= 6 (a third is held out), got {args.num_images}.")
+    if args.block is not None and args.block < 1:
+        raise UserError(f"--block must be >= 1, got {args.block}.")
     if not all(0 <= t < 1 for t in args.times):
         raise UserError(f"--times must lie in [0, 1), got {args.times}.")
     return args
@@ -114,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     encoder, vae_weights, latents = None, None, None
     for (arm, seed), folder in runs.items():
         pipe = RepaEPipeline.from_pretrained(folder)
-        depth = json.loads((folder / "projector" / "config.json").read_text())["encoder_depth"]
+        depth = args.block or json.loads((folder / "projector" / "config.json").read_text())["encoder_depth"]
         if encoder is None:
             tokens = (pipe.transformer.config.sample_size // pipe.transformer.config.patch_size) ** 2
             encoder = load_vision_encoders("efficientnet-lite0", args.resolution, tokens)[0]
@@ -139,8 +148,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     results["mean_only_cosine"] = mean_only
     table = probe_table(results)
-    (study / "probe.json").write_text(json.dumps(results, indent=2) + "\n")
-    (study / "probe.md").write_text(table + "\n")
+    name = f"probe-block{args.block}" if args.block else "probe"
+    (study / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (study / f"{name}.md").write_text(table + "\n")
     print(table)
     return results
 
