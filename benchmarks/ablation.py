@@ -5,7 +5,7 @@ K steps, with the latent diagnostics that show why.
     make study                                   # offline: embedded OpenMoji, the demo's recipe, 3 seeds
     python benchmarks/ablation.py --train_data_dir ./my_images --steps 2000 --seeds 0 1 2 --output_dir study
 
-Arms (``--arms``; by default all, run in this order for each seed):
+Arms (``--arms``; by default all but the targeted last one, run in this order for each seed):
 
 * ``vanilla``: ``train_ldm.py`` on the frozen starting VAE without alignment (``--proj_coeff 0``);
 * ``repa`` (or ``dropin_start``): ``train_ldm.py`` on the frozen starting VAE with REPA (``--proj_coeff 0.5``);
@@ -74,7 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="Continue the study in --output_dir to more --steps: its runs resume from their checkpoints (resume is "
         "exact: the same as one longer run) and its records up to then are kept. The other settings must be the "
-        "same; --arms and --seeds may be fewer (dropin_e2e and dropin_control start over, their VAE being new).",
+        "same; --arms and --seeds may be fewer (the dropin_e2e* and dropin_control arms start over, their VAE being "
+        "new).",
     )
     study.add_argument(
         "--arms",
