@@ -56,6 +56,7 @@ from diffusers_repae.evaluation.quick_score import (
     pooled_features,
     score_features,
 )
+from diffusers_repae.evaluation.reconstruction import decoded_to_uint8
 from diffusers_repae.recipes import DEMO_RECIPE
 from diffusers_repae.training.checkpointing import list_checkpoints, read_project_state
 from diffusers_repae.training.loop import cpu_has_bf16
@@ -168,11 +169,12 @@ def data_options(args) -> dict:
 
 
 def run_options(args, steps: int, seed: int, output_dir: Path) -> dict:
-    """What every training run of the study shares: batch, precision, warm-up then constant, no validation."""
+    """What every training run of the study shares: batch, precision, a constant rate after the warm-up (each caller
+    gives its length), no validation."""
     return {
         "mixed_precision": args.mixed_precision, "train_batch_size": args.train_batch_size,
-        "max_train_steps": steps, "lr_scheduler": "constant_with_warmup",
-        "lr_warmup_steps": min(args.lr_warmup_steps, steps), "checkpoints_total_limit": 1, "validation_steps": 0,
+        "max_train_steps": steps, "lr_scheduler": "constant_with_warmup", "checkpoints_total_limit": 1,
+        "validation_steps": 0,
         "dataloader_num_workers": 0, "report_to": "none", "seed": seed, "output_dir": output_dir,
         **data_options(args),
     }  # fmt: skip
@@ -185,12 +187,12 @@ def train_vae_only(args, folder: Path, steps: int, seed: int, start: Path | None
         "train_vae",
         vae=start, recipe=None if start else args.recipe, no_lpips=True, disc_weight=0, random_flip=True,
         vae_learning_rate=args.vae_learning_rate, checkpointing_steps=steps,
-        **run_options(args, steps, seed, folder),
+        lr_warmup_steps=min(args.lr_warmup_steps, steps), **run_options(args, steps, seed, folder),
     )  # fmt: skip
     return folder
 
 
-OWN_VAE = {"dropin_control": "control-vae-seed{seed}", "dropin_e2e_restats": "restats-vae-seed{seed}"}
+OWN_VAE = {"dropin_control": "control-vae", "dropin_e2e_restats": "restats-vae"}  # + "-seedS", like the runs
 
 
 def arm_vae(args, arm: str, seed: int, start: Path, steps: int) -> Path:
@@ -202,7 +204,7 @@ def arm_vae(args, arm: str, seed: int, start: Path, steps: int) -> Path:
     if arm == "dropin_e2e":
         return runs / f"repae-seed{seed}" / "vae"
     if arm in OWN_VAE:
-        folder = runs / OWN_VAE[arm].format(seed=seed)
+        folder = runs / f"{OWN_VAE[arm]}-seed{seed}"
         if (folder / "config.json").is_file():
             return folder
         if arm == "dropin_control":
@@ -224,10 +226,10 @@ def train_segment(args, arm: str, seed: int, vae: Path, run_dir: Path, end_step:
         "recipe": args.recipe, "vae": vae, "enc_type": args.enc_type, "encoder_depth": args.encoder_depth,
         "learning_rate": args.learning_rate, "ema_decay": args.ema_decay, "weighting": args.weighting,
         "checkpointing_steps": args.eval_every,
+        "lr_warmup_steps": args.lr_warmup_steps,  # not capped at end_step: the same in every segment of a run
         "resume_from_checkpoint": "latest" if list_checkpoints(run_dir) else None,
         **run_options(args, end_step, seed, run_dir),
     }  # fmt: skip
-    shared["lr_warmup_steps"] = args.lr_warmup_steps  # the same warm-up in every segment of a resumed run
     if arm in ("repae", "naive_e2e"):
         run_stage(
             "train_repae", no_lpips=True, disc_weight=0, vae_learning_rate=args.vae_learning_rate,
@@ -265,9 +267,8 @@ def vae_diagnostics(vae, images: np.ndarray, seed: int, extractor, reference: np
     std = torch.tensor(vae.config.latents_std, device=vae.device).view(shape)
     normalised = (z - mean) / std
     spectrum, rank = patch_spectrum(normalised.cpu())
-    # uint8 as `evaluation.reconstruction.reconstruct` rounds them, from the decode above (not a second one)
-    reconstructed = ((reconstruction.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    reconstructed = reconstructed.permute(0, 2, 3, 1).cpu().numpy()
+    # rounded as `evaluation.reconstruction.reconstruct` rounds them, from the decode above (not a second one)
+    reconstructed = decoded_to_uint8(reconstruction).permute(0, 2, 3, 1).cpu().numpy()
     recon_fd = score_features(reference, pooled_features(extractor, reconstructed, desc="recon"))
     return {
         "recon_l1": float((x - reconstruction).abs().mean()),
@@ -468,9 +469,9 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in args.seeds:  # seed-major: an interrupted study still has every arm for the first seeds
         for arm in args.arms:
             if earlier and arm in STARTS_OVER_WHEN_EXTENDED:
-                for name in (f"{arm}-seed{{seed}}", OWN_VAE.get(arm)):
+                for name in (arm, OWN_VAE.get(arm)):
                     if name:
-                        shutil.rmtree(out / "runs" / name.format(seed=seed), ignore_errors=True)
+                        shutil.rmtree(out / "runs" / f"{name}-seed{seed}", ignore_errors=True)
             done = earlier_records(earlier, arm, seed)
             results["arms"][arm][str(seed)] = list(done)
             arm_start = arm_vae(args, arm, seed, vae, steps)

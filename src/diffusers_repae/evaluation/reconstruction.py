@@ -42,14 +42,18 @@ def load_lpips_vgg(vgg_weights_path: str | Path) -> nn.Module:
     return model.requires_grad_(False).eval()
 
 
+def decoded_to_uint8(decoded: torch.Tensor) -> torch.Tensor:
+    """A VAE's decoded images in [-1, 1] -> uint8, rounded (the same tensor layout)."""
+    return ((decoded.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
 @torch.no_grad()
 def reconstruct(vae: AutoencoderKL, images: torch.Tensor, sample_posterior: bool = False) -> torch.Tensor:
     """uint8 [N, 3, H, W] -> VAE encode/decode -> uint8 [N, 3, H, W] (inputs in [-1, 1], outputs rounded)."""
     x = images.to(vae.dtype) / 127.5 - 1
     posterior = vae.encode(x).latent_dist
     z = posterior.sample() if sample_posterior else posterior.mode()
-    decoded = vae.decode(z).sample
-    return ((decoded.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return decoded_to_uint8(vae.decode(z).sample)
 
 
 @torch.no_grad()
