@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from diffusers_repae import RepaEPipeline, SiTTransformer2DModel
-from diffusers_repae.cli import UserError, run_cli
+from diffusers_repae.cli import UserError, refuse_overwrite, run_cli
 from diffusers_repae.evaluation.quick_score import dataset_images
 from diffusers_repae.models.vae import normalize_latents
 from diffusers_repae.training.encoders import load_vision_encoders
@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Probe the tokens after this SiT block in every run (writes probe-blockN.json / .md); default: each "
         "run's own encoder_depth (probe.json / .md).",
     )
+    parser.add_argument("--overwrite", action="store_true", help="Replace this probe's earlier probe*.json / .md.")
     add_data_args(parser)
     parser.set_defaults(resolution=32)
     args = parser.parse_args(argv)
@@ -106,6 +107,10 @@ def main(argv: list[str] | None = None) -> dict:
     study = Path(args.study_dir)
     if not (study / "results.json").is_file():
         raise UserError(f"--study_dir {args.study_dir!r} holds no results.json: run benchmarks/ablation.py first.")
+    stem = study / (f"probe-block{args.block}" if args.block else "probe")
+    json_path, table_path = stem.with_suffix(".json"), stem.with_suffix(".md")
+    for output in (json_path, table_path):
+        refuse_overwrite(output, "the probe's output", overwrite=args.overwrite)
     seeds = args.seeds or json.loads((study / "results.json").read_text())["config"]["seeds"]
     runs = {(arm, seed): study / "runs" / f"{arm}-seed{seed}" for arm in args.arms for seed in seeds}
     missing = [str(path) for path in runs.values() if not (path / "model_index.json").is_file()]
@@ -148,9 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     results["mean_only_cosine"] = mean_only
     table = probe_table(results)
-    name = f"probe-block{args.block}" if args.block else "probe"
-    (study / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (study / f"{name}.md").write_text(table + "\n")
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    table_path.write_text(table + "\n")
     print(table)
     return results
 

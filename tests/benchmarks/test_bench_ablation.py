@@ -116,6 +116,8 @@ def test_every_arm_one_seed(tiny):
         scores = probed["arms"][name]["3"]["scores"]
         assert list(scores) == ["0.25", "0.5", "0.75"] and all(-1 <= s["cosine"] <= 1 for s in scores.values())
     assert "| untrained |" in (out / "probe.md").read_text()
+    with pytest.raises(ValueError, match="probe.json' already exists.*--overwrite"):  # a finished probe is kept
+        probe.main(["--study_dir", str(out), "--train_data_dir", str(tiny / "images"), "--num_images", "8"])
 
 
 def test_arm_names_and_their_dependencies(tiny):
